@@ -1,0 +1,145 @@
+"""The `tapc` command: parses options, calls the library, renders progress and results.
+
+Results go to stdout (a table, or one JSON document with --json); progress and
+errors go to stderr. Exit codes: 0 ok, 1 the job failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__
+from .errors import TapcError
+
+
+class TapcClickError(click.ClickException):
+    def __init__(self, error: TapcError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+def run_job(debug: bool, job: Callable):
+    """Run `job`, turning library errors into one-line CLI errors with their exit codes."""
+    try:
+        return job()
+    except TapcError as exc:
+        if debug:
+            raise
+        raise TapcClickError(exc) from None
+    except Exception as exc:  # a bug or an environment problem: one line, traceback on --debug
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        raise click.ClickException(
+            f"unexpected {type(exc).__name__}: {text}; rerun with --debug for the traceback"
+        ) from None
+
+
+class ProgressView:
+    """Renders the library's progress events with rich on stderr."""
+
+    LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
+              "train": "pruning + recovery", "eval-pruned": "pruned perplexity", "save": "saving"}
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True,
+        )
+        self.task = None
+        self.stage = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        stage = event["stage"]
+        if stage != self.stage:
+            self.stage = stage
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(self.LABELS.get(stage, stage), total=None, info="")
+            self.console.log(f"{self.LABELS.get(stage, stage)}")
+        if "total" in event:
+            done = event.get("step", event.get("done", 0))
+            info = ""
+            if stage == "train":
+                info = f"loss {event['loss']:.4f}  sparsity {event['sparsity']:.2%}"
+            self.progress.update(self.task, total=event["total"], completed=done, info=info)
+        update = event.get("mask_update")
+        if update:
+            self.console.log(
+                f"step {update['step']}: mask update to {update['sparsity']:.2%} "
+                f"(alpha {update['alpha']:.3f}, pruned {update['pruned']:,}, regrown {update['regrown']:,})"
+            )
+        if event.get("validation"):
+            v = event["validation"]
+            self.console.log(f"step {v['step']}: validation loss {v['loss']:.4f}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tapc")
+def cli():
+    """tapc: prune language models to a target sparsity with terminal-attractor recovery."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Target fraction of prunable weights set to zero, in [0, 1).")
+@click.option("--recipe", "recipe_path", metavar="YAML|NAME",
+              help="Recipe file or built-in recipe name (default: the thesis setting).")
+@click.option("--dataset", help="'wikitext2' or a directory with train.txt, validation.txt, test.txt.")
+@click.option("--out", type=click.Path(), help="Output directory (default: MODEL-tapc-sNN).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (overrides the recipe's epochs).")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training window (and evaluation window unless the recipe sets eval.seq_len).")
+@click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
+@click.option("--seed", type=int, help="Random seed (a CPU run repeats exactly).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, seed, device,
+             as_json, overwrite, trust_remote_code, allow_pickle, debug):
+    """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it."""
+    from .pipeline import compress as run_compress
+    from .recipe import load_recipe
+
+    overrides = {
+        "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
+        "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
+    }
+    console = Console(stderr=True)
+
+    def job():
+        recipe = load_recipe(recipe_path, overrides)
+        with ProgressView(console) as view:
+            return run_compress(model, recipe, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle, progress=view)
+
+    result = run_job(debug, job)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+    else:
+        click.echo(result.table)
+
+
+def main():
+    cli(prog_name="tapc")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

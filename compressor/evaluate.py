@@ -1,0 +1,117 @@
+"""Perplexity by the protocol in SPEC.md.
+
+The split is one token stream. Without a stride it is cut into non-overlapping windows
+of `seq_len` tokens (a shorter last window is kept if it predicts at least one token);
+every token but the first of each window is predicted. With a stride, windows of
+`seq_len` start every `stride` tokens and each token is scored once, with as much
+left context as the window gives (the Hugging Face sliding-window recipe).
+PPL = exp(mean NLL over all predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+    stride: int | None
+    max_tokens: int | None
+
+    @property
+    def protocol(self) -> str:
+        kind = f"sliding windows, stride {self.stride}" if self.stride else "non-overlapping windows"
+        limit = f", first {self.max_tokens} tokens only" if self.max_tokens else ""
+        return f"{kind} of {self.seq_len} tokens{limit}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "protocol": self.protocol}
+
+
+def _spans(n: int, seq_len: int, stride: int | None) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window over a stream of n tokens."""
+    spans = []
+    if stride is None:
+        for begin in range(0, n - 1, seq_len):
+            end = min(begin + seq_len, n)
+            if end - begin >= 2:
+                spans.append((begin, end, begin + 1))
+        return spans
+    scored_to = 1  # token 0 is never predicted
+    for begin in range(0, n - 1, stride):
+        end = min(begin + seq_len, n)
+        spans.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        if end == n:
+            break
+    return spans
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokens: torch.Tensor,
+    seq_len: int,
+    *,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> Perplexity:
+    """Perplexity of `model` on a 1-D token stream."""
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if tokens.numel() < 2:
+        raise ValueError("need at least 2 tokens to evaluate perplexity")
+    spans = _spans(tokens.numel(), seq_len, stride)
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    # Windows of the same length are batched; only the last one can be shorter.
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    done = 0
+    for length, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(device)
+            logits = model(input_ids=ids).logits.float()
+            logp = F.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[j] predicts ids[j+1]
+            for row, (begin, _, first) in enumerate(chunk):
+                scored = nll[row, first - begin - 1 :]
+                total_nll += scored.double().sum().item()
+                total_tokens += scored.numel()
+            done += len(chunk)
+            if progress:
+                progress({"stage": "eval", "done": done, "total": len(spans)})
+    model.train(was_training)
+    mean = total_nll / total_tokens
+    return Perplexity(
+        ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(spans),
+        seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+    )
+
+
+@torch.no_grad()
+def mean_loss(model, batches: torch.Tensor, batch_size: int, device) -> float:
+    """Mean next-token loss over a tensor of windows (validation loss during training)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, len(batches), batch_size):
+        ids = batches[i : i + batch_size].to(device)
+        losses.append(model(input_ids=ids, labels=ids).loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)

@@ -1,0 +1,144 @@
+"""AdamW with a terminal-attractor (TA) term (thesis eq. 4.10-4.15).
+
+    w <- w + dw_AdamW - eta_TA * tanh(k E) * Psi
+    Psi = gamma * E^beta / (<g, d> + eps) * d,   clipped to norm <= C
+
+`d` is the direction the term pushes along: the gradient `g` (thesis; then <g, d> is
+||g||^2) or Adam's preconditioned step m_hat / (sqrt(v_hat) + eps) (`space="adam"`).
+Dividing by <g, d> is what makes it an attractor: along -d the loss falls at the rate
+gamma * E^beta whatever the size of the gradient, so it reaches its target in finite
+time instead of slowing down with the gradient. E is the batch loss, or its excess
+over a reference loss (`target="reference"`), since a language model's loss never
+reaches 0. Norms and dot products run over all parameters together.
+
+With `ta_lr=0` the step is exactly `torch.optim.AdamW` (single-tensor path). Masked
+weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them.
+The TA step size follows the learning-rate schedule: eta_TA(t) = ta_lr * lr(t) / lr(0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class TAAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        ta_lr: float = 0.0,
+        gamma: float = 1.0,
+        beta: float = 0.5,
+        ta_eps: float = 1e-8,
+        clip: float = 1.0,
+        k: float = 1.0,
+        space: str = "gradient",
+        ref_loss: float | None = None,
+        masks: dict[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if space not in ("gradient", "adam"):
+            raise ValueError(f"unknown TA space {space!r}; choose gradient or adam")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.ta = {"lr": ta_lr, "gamma": gamma, "beta": beta, "eps": ta_eps, "clip": clip, "k": k,
+                   "space": space, "ref_loss": ref_loss}
+        self.masks = masks or {}
+        self.last_ta: dict = {}  # what the TA term did at the last step, for the log
+
+    def _adam_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """m_hat / (sqrt(v_hat) + eps): Adam's step divided by -lr."""
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        step = state["step"].item()
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        return state["exp_avg"] / (1 - beta1**step) / denom
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss: float | None = None):
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ta_on = self.ta["lr"] > 0
+        if ta_on and loss is None:
+            raise ValueError("the TA term needs the loss: call step(loss=...) or pass a closure")
+        dot = torch.zeros((), dtype=torch.float64)
+        sq_norm = torch.zeros((), dtype=torch.float64)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, mask = p.grad, self.masks.get(p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                step = state["step"].item()
+                if mask is None and wd != 0:
+                    p.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1**step)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                if mask is None:
+                    p.addcdiv_(exp_avg, denom, value=-step_size)
+                else:
+                    delta = (exp_avg / denom).mul_(-step_size)
+                    if wd != 0:
+                        delta.add_(p, alpha=-lr * wd)
+                    p.add_(delta.mul_(mask))
+                if ta_on:
+                    g = grad if mask is None else grad * mask
+                    d = g if self.ta["space"] == "gradient" else self._adam_direction(p, group)
+                    if mask is not None:
+                        d = d * mask
+                    dot += (g.double() * d).sum()
+                    sq_norm += d.double().pow(2).sum()
+        if ta_on:
+            self._ta_step(float(loss), dot.item(), sq_norm.item())
+        return loss
+
+    @torch.no_grad()
+    def _ta_step(self, loss: float, dot: float, sq_norm: float) -> None:
+        ta = self.ta
+        energy = loss - ta["ref_loss"] if ta["ref_loss"] is not None else loss
+        if energy <= 0 or dot <= 0:
+            # At (or below) the attractor, or a direction that would not lower the loss.
+            self.last_ta = {"coef": 0.0, "norm": 0.0, "energy": energy}
+            return
+        scale = ta["gamma"] * energy ** ta["beta"] / (dot + ta["eps"])
+        norm = scale * math.sqrt(sq_norm)  # ||Psi||
+        saturation = min(1.0, ta["clip"] / norm) if norm > 0 else 1.0
+        group0 = self.param_groups[0]
+        schedule = group0["lr"] / group0.get("initial_lr", group0["lr"])
+        coef = ta["lr"] * schedule * math.tanh(ta["k"] * energy) * scale * saturation
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                mask = self.masks.get(p)
+                d = p.grad if ta["space"] == "gradient" else self._adam_direction(p, group)
+                if mask is not None:
+                    d = d * mask
+                p.add_(d, alpha=-coef)
+        self.last_ta = {"coef": coef, "norm": coef * math.sqrt(sq_norm), "energy": energy,
+                        "saturated": saturation < 1.0}
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["ta"] = dict(self.ta)
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.ta.update(state_dict.pop("ta", {}))
+        super().load_state_dict(state_dict)

@@ -1,0 +1,247 @@
+"""Dynamic pruning with a global threshold and regrowth, shaped like a torch optimizer.
+
+    pruner = Pruner(config, total_steps).prepare(model)
+    ...  loss.backward(); pruner.observe(); pruner.mask_gradients_(); opt.step()
+    pruner.step(t, recent_losses)      # updates the masks when the schedule says so
+    pruner.finalize()                  # bakes w * mask into the weights
+
+Each prunable weight gets a parametrization `w -> w * mask` whose backward passes the
+gradient straight through to `w`, masked or not. So a masked weight keeps its last
+value and still gets a gradient, its Taylor score stays meaningful, and it can come
+back when that score beats the global threshold (regrowth) -- with one boolean mask per
+weight and no second copy of the weights. The masks are buffers of the parametrization.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .models import prunable_weights
+from .recipe import PruneConfig
+from .saliency import NEEDS_GRADIENT, get_criterion
+from .schedule import get_schedule, stability
+
+EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
+SAMPLE_SIZE = 1 << 20
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class Mask(nn.Module):
+    """Parametrization `w -> w * mask` with a straight-through gradient."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight):
+        return _StraightThrough.apply(weight, self.mask)
+
+
+def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0) -> float:
+    """The k-th smallest value (1-based) over many tensors, exactly, without sorting them all.
+
+    A random sample brackets the answer in a narrow band [lo, hi]; counting the values
+    below lo and selecting inside the band gives the exact order statistic. This is far
+    faster than `kthvalue` over 10^8 values (SPEC.md: ~1 s instead of ~8 s).
+    """
+    n = sum(s.numel() for s in scores)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside 1..{n}")
+    if n <= EXACT_SELECT_LIMIT:
+        return torch.cat([s.flatten() for s in scores]).kthvalue(k).values.item()
+    gen = torch.Generator(device=scores[0].device).manual_seed(seed)
+    sample = torch.cat([
+        s.flatten()[torch.randint(s.numel(), (max(1, SAMPLE_SIZE * s.numel() // n),), generator=gen, device=s.device)]
+        for s in scores
+    ]).sort().values
+    q, m = k / n, sample.numel()
+    margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
+    for _ in range(4):
+        lo = sample[max(0, int((q - margin) * m))].item()
+        hi = sample[min(m - 1, int(math.ceil((q + margin) * m)))].item()
+        below = sum(int((s < lo).sum()) for s in scores)
+        upto = sum(int((s <= hi).sum()) for s in scores)
+        if below < k <= upto:
+            band = torch.cat([s[(s >= lo) & (s <= hi)] for s in scores])
+            return band.kthvalue(k - below).values.item()
+        margin *= 4
+    return torch.cat([s.flatten() for s in scores]).kthvalue(k).values.item()
+
+
+def global_masks(scores: list[torch.Tensor], k: int, seed: int = 0) -> list[torch.Tensor]:
+    """Boolean keep-masks that drop exactly the k lowest scores over all tensors together.
+
+    Ties at the threshold are broken in tensor order, so the count is exact.
+    """
+    if k <= 0:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    threshold = kth_smallest(scores, k, seed)
+    remaining = k - sum(int((s < threshold).sum()) for s in scores)
+    masks = []
+    for s in scores:
+        keep = s > threshold
+        tied = (s == threshold).flatten().nonzero().squeeze(1)
+        take = min(remaining, tied.numel())
+        keep.view(-1)[tied[take:]] = True  # ties beyond the budget are kept
+        remaining -= take
+        masks.append(keep)
+    return masks
+
+
+class Pruner:
+    def __init__(self, config: PruneConfig, total_steps: int):
+        self.config = config
+        self.total_steps = total_steps
+        self.criterion = get_criterion(config.saliency)
+        self.schedule = get_schedule(config.schedule)
+        # The first step at or after `final`: the mask snaps to the target there, then stays.
+        self.final_step = max(1, min(total_steps, math.ceil(config.final * total_steps)))
+        self.modules: dict[str, nn.Module] = {}
+        self.scores: dict[str, torch.Tensor] = {}
+        self.sparsity = 0.0  # the scheduled fraction the masks currently hold
+        self.history: list[dict] = []
+
+    # -- setup -------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> Pruner:
+        self.modules = prunable_weights(model)
+        if not self.modules:
+            raise ValueError("the model has no prunable projection weights (nn.Linear or Conv1D)")
+        for module in self.modules.values():
+            mask = torch.ones_like(module.weight, dtype=torch.bool)
+            parametrize.register_parametrization(module, "weight", Mask(mask))
+        return self
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The stored (unmasked) weights: what the optimizer updates."""
+        return {n: m.parametrizations.weight.original for n, m in self.modules.items()}
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: m.parametrizations.weight[0].mask for n, m in self.modules.items()}
+
+    def param_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """{parameter: mask} for the optimizer, which must leave masked weights alone."""
+        masks = self.masks
+        return {w: masks[n] for n, w in self.weights.items()}
+
+    def num_prunable(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def num_masked(self) -> int:
+        return sum(int((~m).sum()) for m in self.masks.values())
+
+    @property
+    def current_sparsity(self) -> float:
+        """Masked fraction of the prunable weights since the last mask update."""
+        return self.history[-1]["sparsity"] if self.history else 0.0
+
+    # -- every step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, step: int) -> None:
+        """Fold this step's gradients into the running average of Taylor scores.
+
+        Call after backward and before `mask_gradients_`: masked weights need their
+        straight-through gradient to be scored. Nothing to do once the mask is fixed.
+        """
+        if self.config.saliency not in NEEDS_GRADIENT or step > self.final_step:
+            return
+        beta = self.config.score_momentum
+        for name, weight in self.weights.items():
+            if weight.grad is None:
+                continue
+            score = self.criterion(weight, weight.grad)
+            if name in self.scores:
+                self.scores[name].mul_(beta).add_(score, alpha=1 - beta)
+            else:
+                self.scores[name] = score
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero the gradients of masked weights so clipping and the optimizer ignore them."""
+        for name, weight in self.weights.items():
+            if weight.grad is not None:
+                weight.grad.mul_(self.masks[name])
+
+    def should_update(self, step: int) -> bool:
+        if step > self.final_step:
+            return False
+        return step == self.final_step or step % self.config.prune_every == 0
+
+    @torch.no_grad()
+    def step(self, step: int, recent_losses=()) -> dict | None:
+        """After optimizer step `step` (1-based): update the masks if the schedule says so."""
+        if not self.should_update(step):
+            return None
+        cfg = self.config
+        if step >= self.final_step:
+            alpha, target = 1.0, cfg.sparsity
+        else:
+            alpha = stability(list(recent_losses)[-cfg.loss_window:], cfg.stability)
+            scheduled = self.schedule(step / self.total_steps, cfg.sparsity, cfg.warmup, cfg.tau, cfg.final)
+            # alpha slows pruning down; it never gives back sparsity already reached.
+            target = max(self.sparsity, min(cfg.sparsity, scheduled * alpha))
+        if target == 0.0:
+            return None
+        names = list(self.modules)
+        old = self.masks
+        scores = []
+        for name in names:
+            weight = self.weights[name]
+            score = self.scores.get(name)
+            if score is None:
+                score = self.criterion(weight, weight.grad)
+            score = score.float()
+            if not cfg.regrowth:
+                score = score.masked_fill(~old[name], -math.inf)
+            scores.append(score)
+        k = round(target * sum(s.numel() for s in scores))
+        new = global_masks(scores, k, seed=step)
+        record = {"step": step, "target": target, "alpha": alpha, "masked": k,
+                  "pruned": 0, "regrown": 0}
+        for name, keep in zip(names, new):
+            record["pruned"] += int((old[name] & ~keep).sum())
+            record["regrown"] += int((~old[name] & keep).sum())
+            old[name].copy_(keep)
+        record["sparsity"] = k / sum(s.numel() for s in scores)
+        self.sparsity = target
+        self.history.append(record)
+        return record
+
+    # -- end -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Write w * mask into the weights and remove the parametrizations."""
+        for module in self.modules.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.scores.clear()
+
+    def state_dict(self) -> dict:
+        return {
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "scores": {n: s.clone() for n, s in self.scores.items()},
+            "sparsity": self.sparsity,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        masks = self.masks
+        if set(state["masks"]) != set(masks):
+            raise ValueError("pruner state belongs to a model with other prunable layers")
+        for name, mask in state["masks"].items():
+            masks[name].copy_(mask)
+        self.scores = {n: s.clone() for n, s in state["scores"].items()}
+        self.sparsity = state["sparsity"]
+        self.history = list(state["history"])

@@ -1,0 +1,173 @@
+"""A recipe is the whole job as data: one YAML file checked by one typed schema.
+
+Unknown keys are errors (a misspelt key would otherwise be silently ignored and the
+job would run with a default the user did not choose). CLI flags override fields by
+dotted path (`prune.sparsity`), and the report records the recipe that actually ran.
+Times in the pruning schedule are fractions of the run, so `--steps` rescales the job.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UsageError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PruneConfig(_Section):
+    """What is pruned, by which score, and how fast (SPEC: saliency, threshold, schedule)."""
+
+    sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="target fraction of prunable weights")
+    saliency: str = Field("taylor", description="taylor (|w*g|) or magnitude (|w|)")
+    score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
+    schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
+    tau: float = Field(0.15, gt=0.0, description="time constant, fraction of the run")
+    final: float = Field(0.7, gt=0.0, le=1.0, description="exact target from here; mask fixed")
+    prune_every: int = Field(10, ge=1, description="steps between mask updates")
+    stability: float = Field(1.0, ge=0.0, description="lambda in alpha = 1/(1+lambda*std/mean)")
+    loss_window: int = Field(20, ge=2, description="steps of loss history for alpha")
+    regrowth: bool = Field(True, description="masked weights may come back")
+
+    @model_validator(mode="after")
+    def _schedule_is_possible(self) -> PruneConfig:
+        if self.final <= self.warmup:
+            raise ValueError(
+                f"prune.final ({self.final}) must be after prune.warmup ({self.warmup}); "
+                "both are fractions of the run"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW and its learning-rate schedule (thesis Table 5.1)."""
+
+    lr: float = Field(5e-5, gt=0.0)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup before the decay")
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max global grad norm; null = off")
+
+
+class TAConfig(_Section):
+    """The terminal-attractor term added to AdamW (thesis eq. 4.10-4.15)."""
+
+    enabled: bool = True
+    lr: float | None = Field(None, ge=0.0, description="eta_TA; null = the AdamW lr (thesis)")
+    gamma: float = Field(1.0, ge=0.0)
+    beta: float = Field(0.5, gt=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    clip: float = Field(1.0, gt=0.0, description="saturation C on the norm of the TA term")
+    k: float = Field(1.0, gt=0.0, description="tanh(k*E) loss-dependent scaling")
+    target: Literal["zero", "reference"] = Field(
+        "zero", description="attract the loss to 0 (thesis) or to the dense model's loss"
+    )
+    space: Literal["gradient", "adam"] = Field(
+        "gradient", description="TA direction: the raw gradient (thesis) or Adam's step"
+    )
+
+
+class TrainConfig(_Section):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null = from epochs")
+    epochs: float = Field(3.0, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(100, ge=0, description="validation loss period; 0 = off")
+    val_batches: int = Field(8, ge=1, description="batches per validation-loss check")
+
+
+class DataConfig(_Section):
+    dataset: str = Field("wikitext2", description="wikitext2 or a directory of train/validation/test.txt")
+    seq_len: int | None = Field(None, ge=2, description="tokens per window; null = model context, at most 1024")
+
+
+class EvalConfig(_Section):
+    """Perplexity protocol (SPEC): non-overlapping windows unless `stride` is set."""
+
+    seq_len: int | None = Field(None, ge=2, description="null = data.seq_len")
+    stride: int | None = Field(None, ge=1, description="sliding-window stride; null = non-overlapping")
+    max_tokens: int | None = Field(None, ge=2, description="evaluate only the first N test tokens")
+    batch_size: int = Field(4, ge=1)
+
+
+class Recipe(_Section):
+    name: str = "custom"
+    description: str = ""
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    prune: PruneConfig = PruneConfig()
+    optim: OptimConfig = OptimConfig()
+    ta: TAConfig = TAConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with tapc (usable as `--recipe NAME`)."""
+    folder = resources.files("compressor") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a built-in name, then apply dotted overrides.
+
+    `None` gives the built-in default recipe (`Recipe()`, the thesis setting).
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+        label = "default recipe"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            name = str(source).removesuffix(".yaml")
+            if name not in builtin_recipes():
+                raise UsageError(
+                    f"recipe {source!r} not found: give a YAML file or one of "
+                    f"{', '.join(builtin_recipes())}"
+                )
+            path = Path(str(resources.files("compressor") / "recipes" / f"{name}.yaml"))
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise UsageError(f"recipe {label} is not valid YAML ({first}); fix its syntax") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"recipe {label} must be a YAML mapping of sections, not {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate_recipe(data, label)
+
+
+def validate_recipe(data: dict[str, Any], label: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the recipe schema in the README"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UsageError(f"{label}: {where}: {msg}{more}") from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Fixtures: tiny GPT-2 and Llama models built from configs, a tokenizer trained on
+local text, and a small local dataset. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TAPC_DATA_DIR") or REPO.parent / "shared" / "data" / "wikitext2-local")
+
+
+@pytest.fixture(autouse=True)
+def offline_and_isolated(tmp_path, monkeypatch):
+    """No network, no user caches, outputs in a temporary directory."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("TAPC_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def _lines(split: str, count: int) -> str:
+    text = (SHARED_DATA / f"{split}.txt").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines(keepends=True) if line.strip()]
+    return "".join(lines[:count])
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small local dataset in the layout `--dataset DIR` reads."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "train.txt").write_text(_lines("train", 120))
+    (folder / "validation.txt").write_text(_lines("validation", 20))
+    (folder / "test.txt").write_text(_lines("test", 30))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory, data_dir):
+    """A byte-level BPE tokenizer (vocab 320) trained on the fixture text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([(data_dir / f"{s}.txt").read_text() for s in ("train", "validation", "test")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_model(kind: str, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                            bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def model_dir(request, tmp_path_factory, tokenizer) -> Path:
+    """A tiny model saved in Hugging Face layout (safetensors + tokenizer)."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build_model(request.param, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gpt2-only")
+    build_model("gpt2", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def quick_recipe_file(tmp_path) -> Path:
+    """A recipe small enough for a tiny model to run in seconds."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "name: tiny\n"
+        "prune: {sparsity: 0.5, prune_every: 2, warmup: 0.1, tau: 0.2, final: 0.6}\n"
+        "optim: {lr: 1.0e-3}\n"
+        "ta: {lr: 1.0e-2}\n"
+        "train: {steps: 12, batch_size: 2, eval_every: 6, val_batches: 1}\n"
+        "data: {seq_len: 32}\n"
+        "eval: {max_tokens: 600, batch_size: 4}\n"
+    )
+    return path
