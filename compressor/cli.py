@@ -76,6 +76,9 @@ class ProgressView:
             info = ""
             if stage == "train":
                 info = f"loss {event['loss']:.4f}  sparsity {event['sparsity']:.2%}"
+                # Without a terminal (CI logs) the bar is invisible: print a line every 10%.
+                if not self.console.is_terminal and done % max(1, event["total"] // 10) == 0:
+                    self.console.log(f"step {done}/{event['total']}  {info}  eta {event['eta']:.0f} s")
             self.progress.update(self.task, total=event["total"], completed=done, info=info)
         update = event.get("mask_update")
         if update:

@@ -81,6 +81,8 @@ def load_model(
             kwargs["use_safetensors"] = True
         location, tok_kwargs = spec, {"revision": revision}
 
+    if source["kind"] == "directory":
+        _check_causal_lm(path, spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **tok_kwargs)
@@ -92,8 +94,9 @@ def load_model(
     except (OSError, EnvironmentError) as exc:
         text = " ".join(str(exc).split())
         if source["kind"] == "hub":
+            reason = text.split(". ")[0].split(", and ")[0]
             raise UsageError(
-                f"could not load {spec!r} from the Hugging Face Hub ({text[:160]}); check the id and "
+                f"could not load {spec!r} from the Hugging Face Hub ({reason[:160]}); check the id and "
                 "your network, or give a local model directory or .gguf file"
             ) from None
         raise UsageError(f"could not read model {spec} ({text[:200]}); is the file complete?") from None
@@ -106,6 +109,23 @@ def load_model(
     source["parameters"] = sum(p.numel() for p in model.parameters())
     source["architecture"] = type(model).__name__
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _check_causal_lm(folder: Path, spec: str) -> None:
+    """Refuse a checkpoint whose saved architecture is not a language-model head.
+
+    transformers would otherwise wrap, say, a BertModel in a fresh, untrained LM head.
+    """
+    import json
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return  # from_pretrained reports a missing or broken config itself
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UsageError(
+            f"{spec} is a {architectures[0]}, not a causal language model; give a *ForCausalLM checkpoint"
+        )
 
 
 def model_context(model: nn.Module) -> int | None:

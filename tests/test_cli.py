@@ -49,3 +49,81 @@ def test_compress_table_output(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "transformer.h.0.attn.c_attn.weight" in result.stdout
     assert "global sparsity" in result.stdout and "perplexity" in result.stdout
+
+
+def _tiny_text_dir(tmp_path):
+    folder = tmp_path / "short"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.txt").write_text("a few words only\n")
+    return folder
+
+
+BAD_INPUTS = {
+    "sparsity out of range": (["--sparsity", "1.5"], "1.5"),
+    "sparsity not a number": (["--sparsity", "lots"], "lots"),
+    "negative sparsity": (["--sparsity", "-0.1"], "-0.1"),
+    "unknown recipe": (["--recipe", "nope"], "recipe 'nope' not found"),
+    "missing dataset": (["--dataset", "./no-such-dir"], "dataset './no-such-dir' not found"),
+    "sequence beyond context": (["--seq-len", "4096"], "exceeds the model's context of 128"),
+    "unknown device": (["--device", "tpu9"], "unknown device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_options_exit_2_and_write_nothing(case, gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    args, message = BAD_INPUTS[case]
+    base = ["compress", gpt2_dir, "--dataset", data_dir, "--recipe", quick_recipe_file, "--out", tmp_path / "out"]
+    result = run(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len([line for line in result.stderr.strip().splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_inputs(tmp_path, data_dir):
+    for model, message in [("./missing-model", "does not exist"), ("gpt2", "Hugging Face Hub"),
+                           ("missing.gguf", "does not exist")]:
+        result = run("compress", model, "--dataset", data_dir, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_dataset_shorter_than_one_window(gpt2_dir, quick_recipe_file, tmp_path):
+    result = run("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", _tiny_text_dir(tmp_path),
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "less than one window" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--out", out, "--steps", 2]
+    result = run(*args)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "report.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_default_output_name(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    result = run("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--steps", 2,
+                 "--sparsity", 0.25)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / f"{gpt2_dir.name}-tapc-s25" / "report.json").exists()
+
+
+def test_same_seed_same_result(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        result = run("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir,
+                     "--out", tmp_path / name, "--json", "--steps", 6)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    assert reports[0]["perplexity"]["pruned"]["ppl"] == reports[1]["perplexity"]["pruned"]["ppl"]
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

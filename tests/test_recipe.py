@@ -1,0 +1,56 @@
+"""Recipes: every shipped file loads, bad ones fail with one line that says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compressor.errors import UsageError
+from compressor.recipe import Recipe, builtin_recipes, load_recipe
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(REPO_RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_file_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_builtin_names_and_default():
+    assert {"gpt2-wikitext2", "quick-cpu"} <= set(builtin_recipes())
+    assert load_recipe("quick-cpu").train.steps == 120
+    thesis = load_recipe("gpt2-wikitext2")
+    assert (thesis.optim.lr, thesis.optim.weight_decay, thesis.optim.grad_clip) == (5e-5, 0.01, 1.0)
+    assert (thesis.ta.gamma, thesis.ta.beta, thesis.prune.sparsity, thesis.train.epochs) == (1.0, 0.5, 0.3, 3)
+    assert load_recipe(None) == Recipe()
+
+
+def test_overrides_win():
+    recipe = load_recipe("quick-cpu", {"prune.sparsity": 0.5, "train.steps": 7, "data.seq_len": None})
+    assert recipe.prune.sparsity == 0.5 and recipe.train.steps == 7 and recipe.data.seq_len == 256
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prune: {sparsty: 0.3}\n", "prune.sparsty: unknown key"),
+        ("prune: {sparsity: high}\n", "prune.sparsity: Input should be a valid number"),
+        ("prune: {sparsity: 1.5}\n", "prune.sparsity"),
+        ("prune: {warmup: 0.5, final: 0.4}\n", "must be after prune.warmup"),
+        ("optim: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "must be a YAML mapping"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_recipe_name_lists_builtins():
+    with pytest.raises(UsageError, match="quick-cpu"):
+        load_recipe("no-such-recipe")
