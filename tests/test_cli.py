@@ -23,7 +23,7 @@ def run(*args):
 def test_version_and_help():
     result = run("--version")
     assert result.exit_code == 0 and __version__ in result.output
-    for command in ([], ["compress"]):
+    for command in ([], ["compress"], ["compare"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -60,6 +60,7 @@ def test_compress_table_output(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "transformer.h.0.attn.c_attn.weight" in result.stdout
     assert "global sparsity" in result.stdout and "perplexity" in result.stdout
+    assert "report.md, training.png, layers.png" in result.stdout
 
 
 def test_compress_without_matplotlib_succeeds_and_says_so(gpt2_dir, data_dir, quick_recipe_file, tmp_path,
