@@ -51,7 +51,8 @@ def smooth(values: list[float], span: int) -> list[float]:
 
 
 def smoothing_span(steps: int) -> int:
-    return max(1, min(25, round(steps / 40)))
+    """Enough to calm batch noise, short enough that each mask update's spike still shows."""
+    return max(1, min(25, round(steps / 25)))
 
 
 def model_name(report: dict) -> str:
