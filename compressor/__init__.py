@@ -5,15 +5,19 @@ The public API; the `tapc` command is a thin layer over it.
 
 __version__ = "0.1.0"
 
+from .compare import compare_runs  # noqa: E402
 from .errors import JobError, TapcError, UsageError  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .models import load_model, prunable_weights  # noqa: E402
 from .optim import TAAdamW  # noqa: E402
+from .markdown import render_markdown  # noqa: E402
 from .pipeline import Result, compress  # noqa: E402
+from .plots import write_plots  # noqa: E402
 from .pruner import Pruner  # noqa: E402
 from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
 
 __all__ = [
     "JobError", "Pruner", "Recipe", "Result", "TAAdamW", "TapcError", "UsageError",
-    "builtin_recipes", "compress", "load_model", "load_recipe", "perplexity", "prunable_weights",
+    "builtin_recipes", "compare_runs", "compress", "load_model", "load_recipe", "perplexity", "prunable_weights",
+    "render_markdown", "write_plots",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from . import __version__
 from .errors import TapcError
@@ -86,6 +87,9 @@ class ProgressView:
                 f"step {update['step']}: mask update to {update['sparsity']:.2%} "
                 f"(alpha {update['alpha']:.3f}, pruned {update['pruned']:,}, regrown {update['regrown']:,})"
             )
+        if event.get("warning"):
+            # One line, whatever the width; Text keeps "tapc[plots]" from being read as markup.
+            self.console.print(Text.assemble(("warning: ", "yellow"), event["warning"]), soft_wrap=True)
         if event.get("validation"):
             v = event["validation"]
             self.console.log(f"step {v['step']}: validation loss {v['loss']:.4f}")
@@ -138,6 +142,30 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:
         click.echo(result.table)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, metavar="OUT...")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for a pull-request comment).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def compare(runs, as_json, markdown, debug):
+    """Compare finished runs (their --out directories) in one table.
+
+    Columns: run, model, sparsity reached, pattern, dense and pruned perplexity,
+    change, steps and total time.
+    """
+    from .compare import compare_runs, format_comparison
+
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown are alternatives; give one of them")
+    comparison = run_job(debug, lambda: compare_runs(list(runs)))
+    if as_json:
+        click.echo(json.dumps(comparison, indent=2))
+        return
+    click.echo(format_comparison(comparison, markdown=markdown))
+    if comparison["note"]:
+        click.echo(f"note: {comparison['note']}", err=True)
 
 
 def main():

@@ -35,6 +35,11 @@ def read_metadata(folder: Path) -> dict[str, str]:
     return meta
 
 
+def directory_bytes(folder: Path) -> int:
+    """Bytes of all files under `folder`, as they lie on disk before any compression."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -14,8 +14,10 @@ from . import __version__
 from .data import load_texts, tokenize, windows
 from .errors import UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
-from .export import check_output_dir, save_model, staged_output, write_json
+from .export import check_output_dir, directory_bytes, save_model, staged_output, write_json
+from .markdown import render_markdown
 from .models import load_model, model_context
+from .plots import write_plots
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe, recipe_to_yaml
 from .report import format_table, model_tensors, sparsity_summary
@@ -147,6 +149,13 @@ def compress(
         save_model(net, tokenizer, stage / "model", metadata)
         (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         write_json(stage / "training_log.json", log.to_dict())
+        report["size"] = {"model_bytes": directory_bytes(stage / "model")}
+        # Plots are drawn here, from the log, never during training; without matplotlib they are skipped.
+        plots, skipped = write_plots(stage, report, log.to_dict())
+        for line in skipped:
+            notify({"stage": "save", "warning": line})
+        report["files"] = {"report": "report.md", "plots": plots, "plots_skipped": skipped}
         report["seconds"] = time.perf_counter() - started
+        (stage / "report.md").write_text(render_markdown(report, log.to_dict(), plots, skipped), encoding="utf-8")
         write_json(stage / "report.json", report)
     return Result(report=report, output=out)

@@ -85,4 +85,7 @@ def format_table(report: dict) -> str:
         f"{report['train']['seconds']:.1f} s; total {report['seconds']:.1f} s",
         f"output            {report['output']}",
     ]
+    files = report.get("files")
+    if files:
+        lines.append(f"read              {', '.join([files['report'], *files['plots'].values()])} in the output")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 from compressor import __version__
 from compressor.cli import cli
 
+from .test_plots import assert_sensible_png
+
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
@@ -20,7 +23,7 @@ def run(*args):
 def test_version_and_help():
     result = run("--version")
     assert result.exit_code == 0 and __version__ in result.output
-    for command in ([], ["compress"]):
+    for command in ([], ["compress"], ["compare"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -32,8 +35,16 @@ def test_compress_end_to_end(model_dir, data_dir, quick_recipe_file, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["recipe"]["prune"]["sparsity"] == 0.4
-    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "training_log.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "layers.png", "model", "recipe.yaml", "report.json", "report.md", "training.png", "training_log.json"]
     assert json.loads((out / "report.json").read_text())["sparsity"] == report["sparsity"]
+    assert report["files"] == {"report": "report.md", "plots": {"training": "training.png", "layers": "layers.png"},
+                               "plots_skipped": []}
+    for name in ("training.png", "layers.png"):
+        assert_sensible_png(out / name)
+    page = (out / "report.md").read_text(encoding="utf-8")
+    assert "](training.png)" in page and "](layers.png)" in page
+    assert f"{report['perplexity']['pruned']['ppl']:.3f} pruned" in page
     # Zeros counted independently in the saved safetensors agree with the report.
     tensors = load_file(out / "model" / "model.safetensors")
     zeros = {layer["name"]: int((tensors[layer["name"]] == 0).sum()) for layer in report["sparsity"]["layers"]}
@@ -49,6 +60,21 @@ def test_compress_table_output(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "transformer.h.0.attn.c_attn.weight" in result.stdout
     assert "global sparsity" in result.stdout and "perplexity" in result.stdout
+    assert "report.md, training.png, layers.png" in result.stdout
+
+
+def test_compress_without_matplotlib_succeeds_and_says_so(gpt2_dir, data_dir, quick_recipe_file, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out = tmp_path / "out"
+    result = run("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--out", out,
+                 "--steps", 2, "--json")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "plots skipped" in line]
+    assert said == ["warning: plots skipped: matplotlib is not installed (pip install 'tapc[plots]')"]
+    assert not (out / "training.png").exists() and not (out / "layers.png").exists()
+    assert json.loads(result.stdout)["files"]["plots"] == {}
+    assert "plots skipped" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def _tiny_text_dir(tmp_path):
