@@ -53,8 +53,14 @@ def load_model(
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"model file {spec} does not exist; check the path")
+        from transformers import GgufConfig
+
         folder, name = str(path.parent), path.name
         kwargs["gguf_file"] = name
+        # Unpack every weight into a plain float32 nn.Linear: prunable, trainable, and saved by
+        # save_pretrained (a model that keeps GGUF blocks is neither; transformers keeps them
+        # whenever the optional `kernels` package is installed).
+        kwargs["quantization_config"] = GgufConfig(gguf_file=name, dequantize=True)
         source.update(kind="gguf", path=str(path.resolve()), sha256=_sha256(path))
         tok_kwargs = {"gguf_file": name}
         location = folder
