@@ -112,6 +112,8 @@ def load_model(
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if source["kind"] == "hub":  # the exact snapshot the revision resolved to
+        source["commit"] = getattr(model.config, "_commit_hash", None)
     source["parameters"] = sum(p.numel() for p in model.parameters())
     source["architecture"] = type(model).__name__
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -66,8 +66,28 @@ def _start_and_signal(args, ckpt: Path, sig) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(gpt2_dir, data_dir, tmp_path_factory):
+    """The same job as the killed runs, run once without interruption."""
+    folder = tmp_path_factory.mktemp("whole")
+    recipe = _write_recipe(folder / "tiny.yaml")
+    result = CliRunner().invoke(cli, [str(a) for a in _cli_args(gpt2_dir, data_dir, recipe, folder / "out")[3:]])
+    assert result.exit_code == 0, result.output
+    return folder / "out", recipe
+
+
+def _write_recipe(path: Path) -> Path:
+    path.write_text(
+        "prune: {sparsity: 0.5, prune_every: 2, warmup: 0.1, tau: 0.2, final: 0.6}\n"
+        "optim: {lr: 1.0e-3}\nta: {lr: 1.0e-2}\n"
+        "train: {batch_size: 2, eval_every: 0}\ndata: {seq_len: 32}\neval: {max_tokens: 300}\n"
+    )
+    return path
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uninterrupted, tmp_path):
+    whole, quick_recipe_file = uninterrupted
     out = tmp_path / "run"
     ckpt = checkpoint.checkpoint_dir(out) / "checkpoint.pt"
     done = _start_and_signal(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3"),
@@ -82,10 +102,7 @@ def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, qui
                                        "--resume"), env={**os.environ, "PYTHONPATH": str(REPO)},
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    whole = CliRunner().invoke(cli, [str(a) for a in _cli_args(gpt2_dir, data_dir, quick_recipe_file,
-                                                                tmp_path / "whole")[3:]])
-    assert whole.exit_code == 0, whole.output
-    assert _same(out, tmp_path / "whole")
+    assert _same(out, whole)
 
 
 def _trainer(tmp_path, max_recoveries=3):
