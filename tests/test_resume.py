@@ -151,3 +151,12 @@ def test_non_finite_loss_gives_up_after_max_recoveries(tmp_path):
     _poison(trainer.model, set(range(1, 1000)))
     with pytest.raises(JobError, match="after 2 recoveries"):
         run(trainer, checkpoint=save, restore=restore)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir), "train.mixed_precision": "bf16",
+                                             "train.steps": 4})
+    result = compress(str(gpt2_dir), recipe, tmp_path / "bf16")
+    assert result.report["recipe"]["train"]["mixed_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(result.report["perplexity"]["pruned"]["ppl"]))
+    assert all(v.dtype == torch.float32 for v in _tensors(tmp_path / "bf16").values())  # weights stay fp32
