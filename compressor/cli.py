@@ -7,7 +7,9 @@ errors go to stderr. Exit codes: 0 ok, 1 the job failed, 2 bad input or usage.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import click
@@ -17,6 +19,9 @@ from rich.text import Text
 
 from . import __version__
 from .errors import TapcError
+
+
+GATE_FAILED = 3  # exit code of a run whose pruned model missed --max-ppl / --max-ppl-increase
 
 
 class TapcClickError(click.ClickException):
@@ -81,6 +86,12 @@ class ProgressView:
                 if not self.console.is_terminal and done % max(1, event["total"] // 10) == 0:
                     self.console.log(f"step {done}/{event['total']}  {info}  eta {event['eta']:.0f} s")
             self.progress.update(self.task, total=event["total"], completed=done, info=info)
+        if event.get("resumed") is not None:
+            self.console.log(f"resumed from the checkpoint at step {event['resumed']}")
+        if event.get("recovery"):
+            r = event["recovery"]
+            self.console.log(f"non-finite loss at step {r['step']}: rolled back to step {r['restored_to']} "
+                             "and halved the step sizes")
         update = event.get("mask_update")
         if update:
             self.console.log(
@@ -114,34 +125,76 @@ def cli():
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
 @click.option("--seed", type=int, help="Random seed (a CPU run repeats exactly).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints (0: only on a signal).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (OUT.checkpoint/).")
+@click.option("--max-ppl-increase", type=click.FloatRange(min=0), metavar="PCT",
+              help=f"Quality gate: exit {GATE_FAILED} if pruned perplexity exceeds dense by more than PCT percent.")
+@click.option("--max-ppl", type=click.FloatRange(min=0, min_open=True), metavar="VALUE",
+              help=f"Quality gate: exit {GATE_FAILED} if pruned perplexity exceeds VALUE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and any checkpoint) instead of refusing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, seed, device,
-             as_json, overwrite, trust_remote_code, allow_pickle, debug):
-    """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it."""
+             checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
+             allow_pickle, debug):
+    """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
+
+    SIGINT or SIGTERM stops after the current step with a checkpoint (exit 130); the
+    same command with --resume continues exactly where it stopped.
+    """
     from .pipeline import compress as run_compress
     from .recipe import load_recipe
+    from .report import Gates
 
     overrides = {
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
+        "train.checkpoint_every": checkpoint_every,
     }
     console = Console(stderr=True)
+    gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)
 
     def job():
         recipe = load_recipe(recipe_path, overrides)
-        with ProgressView(console) as view:
-            return run_compress(model, recipe, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                allow_pickle=allow_pickle, progress=view)
+        with ProgressView(console) as view, stop_on_signals(console) as stop:
+            return run_compress(model, recipe, out, overwrite=overwrite, resume=resume, gates=gates,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                progress=view, stop=stop.is_set)
 
     result = run_job(debug, job)
-    if as_json:
-        click.echo(json.dumps(result.report, indent=2, default=str))
-    else:
-        click.echo(result.table)
+    if not result.report:  # a non-main process of a distributed run: rank 0 reports
+        return
+    click.echo(json.dumps(result.report, indent=2, default=str) if as_json else result.table)
+    if not result.report["gates"]["passed"]:
+        for failure in result.report["gates"]["failures"]:
+            click.echo(f"Error: quality gate failed: {failure}; the outputs are kept in {result.output}", err=True)
+        sys.exit(GATE_FAILED)
+
+
+class stop_on_signals:
+    """SIGINT/SIGTERM set an event the job polls once per step; a second SIGINT aborts at once."""
+
+    def __init__(self, console: Console):
+        self.console, self.event, self.saved = console, threading.Event(), {}
+
+    def _handle(self, signum, frame):
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.event.set()
+        self.console.log(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                         "(Ctrl-C again to abort without one)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self.event
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 @cli.command()

@@ -96,7 +96,7 @@ def load_model(
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "Unrecognized configuration class" in text or "not supported" in text.lower():
             raise UsageError(f"{spec} is not a causal language model ({text[:160]}); give a causal LM") from None
-        raise UsageError(f"could not load {spec}: {text[:200]}") from None
+        raise UsageError(f"could not read model {spec} ({text[:200]}); is it a complete, valid model?") from None
     except (OSError, EnvironmentError) as exc:
         text = " ".join(str(exc).split())
         if source["kind"] == "hub":
@@ -112,6 +112,8 @@ def load_model(
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if source["kind"] == "hub":  # the exact snapshot the revision resolved to
+        source["commit"] = getattr(model.config, "_commit_hash", None)
     source["parameters"] = sum(p.numel() for p in model.parameters())
     source["architecture"] = type(model).__name__
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, checkpoint
+from . import distributed as dist
 from .data import load_texts, tokenize, windows
-from .errors import UsageError
+from .errors import JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export import check_output_dir, directory_bytes, save_model, staged_output, write_json
 from .markdown import render_markdown
@@ -20,8 +21,10 @@ from .models import load_model, model_context
 from .plots import write_plots
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe, recipe_to_yaml
-from .report import format_table, model_tensors, sparsity_summary
-from .train import build_optimizer, total_steps, train
+from .report import Gates, check_gates, format_table, model_tensors, sparsity_summary
+from .train import Interrupted, Trainer, build_optimizer, run, total_steps
+
+SCHEMA_VERSION = 1  # of report.json and --json; bump on incompatible changes
 
 
 @dataclass
@@ -69,77 +72,121 @@ def compress(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = False,
+    gates: Gates | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress=None,
+    stop=None,
 ) -> Result:
-    """Load, evaluate, prune while training, evaluate again, report and save `model`."""
+    """Load, evaluate, prune while training, evaluate again, report and save `model`.
+
+    `resume` continues from the checkpoint beside `out`; `stop()` (polled once per step)
+    asks for a clean stop with a checkpoint, as the CLI does on SIGINT/SIGTERM.
+    Under a distributed launcher every process calls this; rank 0 writes the outputs.
+    """
     recipe = recipe or load_recipe()
     out = Path(out) if out else default_output(model, recipe)
-    check_output_dir(out, overwrite)
-    notify = progress or (lambda event: None)
+    ckpt_dir = checkpoint.checkpoint_dir(out)
+    check_output_dir(out, overwrite or resume)
+    if ckpt_dir.exists() and not (resume or overwrite):
+        raise UsageError(f"{ckpt_dir} holds a checkpoint of an interrupted run; pass --resume to continue it "
+                         "or --overwrite to start over")
+    saved = checkpoint.load(ckpt_dir) if resume else None
+    notify = progress if progress and dist.is_main() else (lambda event: None)
     started = time.perf_counter()
     device = resolve_device(recipe.device)
+    dist.init_from_env(device)
+    if device.type == "cuda" and dist.world_size() > 1:  # one GPU per process
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
 
     notify({"stage": "load", "model": model})
     loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     net, tokenizer = loaded.model.to(device), loaded.tokenizer
     seq_len, eval_len = _seq_lens(recipe, net)
-
     notify({"stage": "data", "dataset": recipe.data.dataset})
-    dataset = load_texts(recipe.data.dataset)
-    tokens = {split: tokenize(tokenizer, text) for split, text in dataset.texts.items()}
-    train_windows, val_windows = windows(tokens["train"], seq_len), windows(tokens["validation"], seq_len)
-    if len(train_windows) == 0:
-        raise UsageError(
-            f"the training text has {tokens['train'].numel()} tokens, less than one window of {seq_len}; "
-            "give more text or a smaller --seq-len"
-        )
-    if tokens["test"].numel() < 2:
-        raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
+    data = _prepare_data(recipe, tokenizer, seq_len)
+    fingerprint = {"model": {k: loaded.source.get(k) for k in ("kind", "id", "revision", "sha256")},
+                   "data": data["tokens_per_split"],
+                   "recipe": recipe.model_dump(mode="json", exclude={"device"})}
+    if saved:
+        checkpoint.verify(saved, fingerprint, ckpt_dir)
 
     def evaluate(stage: str) -> Perplexity:
         notify({"stage": stage})
         return perplexity(
-            net, tokens["test"], eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
+            net, data["test"], eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
             batch_size=recipe.eval.batch_size, device=device, progress=lambda e: notify({**e, "stage": stage}),
         )
 
-    dense = evaluate("eval-dense")
-    val = val_windows[: recipe.train.val_batches * recipe.train.batch_size]
-    dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
+    val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
+    if saved:  # the model in the checkpoint is no longer dense: take what was measured then
+        dense, dense_val_loss = Perplexity(**saved["dense"]["ppl"]), saved["dense"]["val_loss"]
+    else:
+        dense = dist.broadcast(evaluate("eval-dense") if dist.is_main() else None)
+        dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
 
     torch.manual_seed(recipe.seed)
-    steps = total_steps(recipe, len(train_windows))
+    steps = total_steps(recipe, len(data["train"]))
     pruner = Pruner(recipe.prune, steps).prepare(net)
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
-    log = train(net, pruner, optimizer, train_windows, val_windows, recipe, steps, device, progress=notify)
+    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
+    extra = {"fingerprint": fingerprint, "dense": {"ppl": asdict(dense), "val_loss": dense_val_loss}}
+
+    def save_checkpoint(t: Trainer) -> None:
+        if dist.is_main():
+            checkpoint.save(ckpt_dir, {**t.state_dict(), **extra})
+        dist.barrier()
+
+    def restore(t: Trainer) -> None:
+        t.load_state_dict(checkpoint.load(ckpt_dir))
+
+    if saved:
+        trainer.load_state_dict(saved)
+        notify({"stage": "train", "resumed": saved["step"]})
+    elif recipe.train.checkpoint_every:
+        save_checkpoint(trainer)  # step 0: something to roll back to if the loss blows up early
+    try:
+        log = run(trainer, progress=notify, checkpoint=save_checkpoint,
+                  restore=restore if recipe.train.checkpoint_every else None, stop=stop)
+    except Interrupted as exc:
+        raise Interrupted(exc.step, f"checkpoint in {ckpt_dir}; run the same command with --resume "
+                                    "to continue") from None
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
     pruned_names = [f"{name}.weight" for name in pruner.modules]
     pruner.finalize()
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
+    if not dist.is_main():
+        dist.barrier()
+        return Result(report={}, output=out)
     pruned = evaluate("eval-pruned")
 
     notify({"stage": "save", "output": str(out)})
     sparsity = sparsity_summary(model_tensors(net), pruned_names)
     report = {
+        "schema_version": SCHEMA_VERSION,
         "tool": "tapc",
         "version": __version__,
         "model": loaded.source,
-        "dataset": {"source": dataset.source, "notes": dataset.notes,
-                    "tokens": {split: t.numel() for split, t in tokens.items()}},
+        "dataset": {"source": data["source"], "notes": data["notes"], "tokens": data["tokens_per_split"]},
         "recipe": recipe.model_dump(mode="json"),
         "device": str(device),
+        "processes": dist.world_size(),
         "platform": {"python": platform.python_version(), "torch": torch.__version__},
         "seq_len": seq_len,
         "perplexity": {"dense": dense.to_dict(), "pruned": pruned.to_dict(),
                        "increase": pruned.ppl / dense.ppl - 1.0},
         "sparsity": sparsity,
         "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds,
-                  "mask_updates": len(log.mask_updates),
+                  "mask_updates": len(log.mask_updates), "recoveries": log.recoveries,
+                  "resumed_from": saved["step"] if saved else None,
                   "ta": "off" if not recipe.ta.enabled else f"target={recipe.ta.target}, space={recipe.ta.space}"},
+        "gates": check_gates(dense.ppl, pruned.ppl, gates),
         "output": str(out),
     }
-    with staged_output(out, overwrite) as stage:
+    with staged_output(out, overwrite or resume) as stage:
         metadata = {
             "tapc.version": __version__,
             "tapc.sparsity": f"{sparsity['prunable_sparsity']:.6f}",
@@ -158,4 +205,23 @@ def compress(
         report["seconds"] = time.perf_counter() - started
         (stage / "report.md").write_text(render_markdown(report, log.to_dict(), plots, skipped), encoding="utf-8")
         write_json(stage / "report.json", report)
+    checkpoint.remove(ckpt_dir)
+    dist.barrier()
     return Result(report=report, output=out)
+
+
+def _prepare_data(recipe: Recipe, tokenizer, seq_len: int) -> dict:
+    """Tokenize the splits once; training and validation as windows, test as one stream."""
+    dataset = load_texts(recipe.data.dataset)
+    tokens = {split: tokenize(tokenizer, text) for split, text in dataset.texts.items()}
+    train_windows = windows(tokens["train"], seq_len)
+    if len(train_windows) == 0:
+        raise UsageError(
+            f"the training text has {tokens['train'].numel()} tokens, less than one window of {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    if tokens["test"].numel() < 2:
+        raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
+    return {"train": train_windows, "val": windows(tokens["validation"], seq_len), "test": tokens["test"],
+            "source": dataset.source, "notes": dataset.notes,
+            "tokens_per_split": {split: t.numel() for split, t in tokens.items()}}

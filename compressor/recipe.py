@@ -84,6 +84,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     eval_every: int = Field(100, ge=0, description="validation loss period; 0 = off")
     val_batches: int = Field(8, ge=1, description="batches per validation-loss check")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only on a signal")
+    max_recoveries: int = Field(3, ge=0, description="roll-backs after a non-finite loss before giving up")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast for the forward pass")
 
 
 class DataConfig(_Section):

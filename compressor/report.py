@@ -62,6 +62,26 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass
+class Gates:
+    """Quality limits for CI jobs: the run fails (exit 3) when the pruned model misses one."""
+
+    max_ppl_increase: float | None = None  # percent over the dense perplexity
+    max_ppl: float | None = None
+
+
+def check_gates(dense_ppl: float, pruned_ppl: float, gates: Gates | None) -> dict:
+    gates = gates or Gates()
+    failures = []
+    increase = (pruned_ppl / dense_ppl - 1.0) * 100
+    if gates.max_ppl_increase is not None and increase > gates.max_ppl_increase:
+        failures.append(f"pruned perplexity {pruned_ppl:.3f} is {increase:.2f}% above dense {dense_ppl:.3f} "
+                        f"(limit {gates.max_ppl_increase:g}%)")
+    if gates.max_ppl is not None and pruned_ppl > gates.max_ppl:
+        failures.append(f"pruned perplexity {pruned_ppl:.3f} is above the limit {gates.max_ppl:g}")
+    return {**asdict(gates), "passed": not failures, "failures": failures}
+
+
 def format_table(report: dict) -> str:
     """The report as plain text: the per-layer table, then the summary lines."""
     sp = report["sparsity"]

@@ -1,9 +1,14 @@
 """The recovery training loop: prune while training, then train with the mask fixed.
 
-One optimizer step: `grad_accum` micro-batches forward and backward, the pruner folds
-the gradients into its scores (masked weights included), masked gradients are zeroed,
-the global gradient norm is clipped, the optimizer steps (TA needs the loss), the LR
-decays, and the pruner updates the masks when its schedule says so.
+One optimizer step: `grad_accum` micro-batches forward and backward, gradients are
+averaged across processes (when distributed), the pruner folds them into its scores
+(masked weights included), masked gradients are zeroed, the global gradient norm is
+clipped, the optimizer steps (TA needs the loss), the LR decays, and the pruner updates
+the masks when its schedule says so.
+
+Everything a step depends on is either in `Trainer.state_dict()` or a pure function of
+the step number (the batch order), so a run restored from a checkpoint continues
+exactly as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as dist
 from .errors import JobError
 from .evaluate import mean_loss
 from .optim import TAAdamW
@@ -33,6 +39,7 @@ class TrainLog:
     ta_coef: list[float] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)  # {"step", "loss"}
     mask_updates: list[dict] = field(default_factory=list)
+    recoveries: list[dict] = field(default_factory=list)  # non-finite losses survived
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -70,77 +77,193 @@ def lr_lambda(recipe: Recipe, steps: int):
     return factor
 
 
-def _batches(windows: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled batches of windows; each epoch a new permutation from `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(windows), generator=gen)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield windows[order[i : i + batch_size]]
+class BatchOrder:
+    """Batch b of the run, as a pure function of b: epoch e uses permutation seed + e.
+
+    No iterator state to save, so resuming at any step gives the same batches.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int):
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.per_epoch = len(windows) // batch_size
+        self._epoch, self._order = -1, None
+
+    def __call__(self, index: int) -> torch.Tensor:
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.windows), generator=gen)
+        return self.windows[self._order[pos * self.batch_size : (pos + 1) * self.batch_size]]
 
 
-def train(
-    model,
-    pruner: Pruner | None,
-    optimizer: TAAdamW,
-    train_windows: torch.Tensor,
-    val_windows: torch.Tensor,
-    recipe: Recipe,
-    steps: int,
-    device: torch.device,
-    progress=None,
-) -> TrainLog:
-    cfg = recipe.train
-    if len(train_windows) < cfg.batch_size:
-        raise JobError(
-            f"the training text gives {len(train_windows)} windows, fewer than a batch of "
-            f"{cfg.batch_size}; use more text, a shorter --seq-len or a smaller batch"
-        )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
-    batches = _batches(train_windows, cfg.batch_size, recipe.seed)
-    val = val_windows[: cfg.val_batches * cfg.batch_size]
-    recent = deque(maxlen=recipe.prune.loss_window)
-    log = TrainLog(steps=steps)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
+class Trainer:
+    """Runs the loop; `state_dict()` is everything a checkpoint needs to continue exactly."""
+
+    def __init__(self, model, pruner: Pruner | None, optimizer: TAAdamW, train_windows: torch.Tensor,
+                 val_windows: torch.Tensor, recipe: Recipe, steps: int, device: torch.device):
+        cfg = recipe.train
+        world = dist.world_size()
+        if cfg.batch_size % world:
+            raise JobError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
+                           "make it a multiple of the process count")
+        if len(train_windows) < cfg.batch_size:
+            raise JobError(
+                f"the training text gives {len(train_windows)} windows, fewer than a batch of "
+                f"{cfg.batch_size}; use more text, a shorter --seq-len or a smaller batch"
+            )
+        self.model, self.pruner, self.optimizer = model, pruner, optimizer
+        self.recipe, self.steps, self.device = recipe, steps, device
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
+        self.batches = BatchOrder(train_windows, cfg.batch_size, recipe.seed)
+        self.val = val_windows[: cfg.val_batches * cfg.batch_size]
+        self.log = TrainLog(steps=steps)
+        self.step = 0
+        self.lr_scale = 1.0  # lowered after each recovery from a non-finite loss
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.autocast = recipe.train.mixed_precision == "bf16"
+
+    # -- one step ------------------------------------------------------------------------
+    def _forward_backward(self, step: int) -> float:
+        cfg, world, rank = self.recipe.train, dist.world_size(), dist.rank()
+        per_rank = cfg.batch_size // world
         loss = 0.0
-        for _ in range(cfg.grad_accum):
-            ids = next(batches).to(device)
-            out = model(input_ids=ids, labels=ids)
+        for micro in range(cfg.grad_accum):
+            batch = self.batches((step - 1) * cfg.grad_accum + micro)
+            ids = batch[rank * per_rank : (rank + 1) * per_rank].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(input_ids=ids, labels=ids)
             (out.loss / cfg.grad_accum).backward()
             loss += out.loss.item() / cfg.grad_accum
-            log.tokens += ids.numel()
+            self.log.tokens += batch.numel()
+        # Every rank then holds the global gradient and loss: scores, masks and the TA
+        # term (global loss, global gradient norm) come out identical on all ranks.
+        return dist.average_gradients(self.params, loss)
+
+    def train_step(self) -> dict | None:
+        """One optimizer step. Returns the mask update record, if any; raises on a bad loss."""
+        step = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._forward_backward(step)
         if not math.isfinite(loss):
-            raise JobError(
-                f"training loss became {loss} at step {step}; lower optim.lr or ta.lr in the recipe"
-            )
-        if pruner:
-            pruner.observe(step)
-            pruner.mask_gradients_()
-        if recipe.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
-        log.lr.append(optimizer.param_groups[0]["lr"])
-        optimizer.step(loss=loss)
-        scheduler.step()
-        recent.append(loss)
-        update = pruner.step(step, recent) if pruner else None
+            raise NonFiniteLoss(step, loss)
+        if self.pruner:
+            self.pruner.observe(step)
+            self.pruner.mask_gradients_()
+        if self.recipe.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip)
+        self.log.lr.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step(loss=loss)
+        self.scheduler.step()
+        log = self.log
+        log.loss.append(loss)
+        recent = log.loss[-self.recipe.prune.loss_window:]
+        update = self.pruner.step(step, recent) if self.pruner else None
         if update:
             log.mask_updates.append(update)
-        log.loss.append(loss)
-        log.sparsity.append(pruner.current_sparsity if pruner else 0.0)
-        log.ta_coef.append(optimizer.last_ta.get("coef", 0.0))
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps) and len(val):
-            log.validation.append({"step": step, "loss": mean_loss(model, val, cfg.batch_size, device)})
-        log.seconds = time.perf_counter() - start
+        log.sparsity.append(self.pruner.current_sparsity if self.pruner else 0.0)
+        log.ta_coef.append(self.optimizer.last_ta.get("coef", 0.0))
+        every = self.recipe.train.eval_every
+        if every and (step % every == 0 or step == self.steps) and len(self.val):
+            log.validation.append({"step": step, "loss": mean_loss(self.model, self.val,
+                                                                   self.recipe.train.batch_size, self.device)})
+        self.step = step
+        return update
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale the learning rate and the TA step size (relative to the recipe's) from now on."""
+        factor, self.lr_scale = scale / self.lr_scale, scale
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            group["initial_lr"] *= factor
+        self.optimizer.ta["lr"] *= factor
+
+    # -- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "lr_scale": self.lr_scale,
+            "model": self.model.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "log": self.log.to_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.pruner:
+            self.pruner.load_state_dict(state["pruner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.log = TrainLog(**state["log"])
+        self.step = state["step"]
+        self.lr_scale = state["lr_scale"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class NonFiniteLoss(JobError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training loss became {loss} at step {step}")
+        self.step = step
+
+
+def run(trainer: Trainer, *, progress=None, checkpoint=None, restore=None, stop=None) -> TrainLog:
+    """Train to the end, checkpointing and recovering as the recipe says.
+
+    `checkpoint(trainer)` saves the state, `restore(trainer)` reloads the last saved state
+    (None: no checkpoints), `stop()` tells whether a stop was requested (a signal).
+    """
+    cfg = trainer.recipe.train
+    start = time.perf_counter() - trainer.log.seconds
+    trainer.model.train()
+    while trainer.step < trainer.steps:
+        try:
+            update = trainer.train_step()
+        except NonFiniteLoss as exc:
+            tries = len(trainer.log.recoveries)
+            if restore is None or tries >= cfg.max_recoveries:
+                hint = ("lower optim.lr or ta.lr in the recipe" if restore else
+                        "lower optim.lr or ta.lr, or set --checkpoint-every so tapc can roll back")
+                raise JobError(f"{exc} after {tries} recoveries; {hint}") from None
+            recoveries = trainer.log.recoveries + [{"step": exc.step, "restored_to": None}]
+            restore(trainer)
+            trainer.set_lr_scale(0.5 ** len(recoveries))
+            recoveries[-1]["restored_to"] = trainer.step
+            trainer.log.recoveries = recoveries
+            if progress:
+                progress({"stage": "train", "recovery": recoveries[-1]})
+            continue
+        step = trainer.step
+        trainer.log.seconds = time.perf_counter() - start
+        log = trainer.log
         if progress:
             progress({
-                "stage": "train", "step": step, "total": steps, "loss": loss,
+                "stage": "train", "step": step, "total": trainer.steps, "loss": log.loss[-1],
                 "sparsity": log.sparsity[-1], "lr": log.lr[-1], "seconds": log.seconds,
-                "eta": log.seconds / step * (steps - step), "mask_update": update,
+                "eta": log.seconds / len(log.loss) * (trainer.steps - step),
+                "mask_update": update,
                 "validation": log.validation[-1] if log.validation and log.validation[-1]["step"] == step else None,
             })
-    model.eval()
-    return log
+        if checkpoint and step < trainer.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint(trainer)
+        if stop and dist.any_rank(stop()) and step < trainer.steps:
+            if checkpoint:
+                checkpoint(trainer)
+            raise Interrupted(step)
+    trainer.model.eval()
+    return trainer.log
+
+
+class Interrupted(JobError):
+    """A requested stop (SIGINT/SIGTERM) after a checkpoint was written."""
+
+    exit_code = 130
+
+    def __init__(self, step: int, how_to_resume: str = ""):
+        super().__init__(f"interrupted at step {step}" + (f"; {how_to_resume}" if how_to_resume else ""))
+        self.step = step

@@ -1,0 +1,162 @@
+"""Long runs: checkpoints, resume after a stop or a kill, roll-back after a non-finite loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from compressor import checkpoint, compress, load_recipe
+from compressor.cli import cli
+from compressor.errors import JobError
+from compressor.pruner import Pruner
+from compressor.recipe import Recipe
+from compressor.train import Interrupted, Trainer, build_optimizer, run
+
+from .conftest import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tensors(out: Path) -> dict:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _same(a: Path, b: Path) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_stop_then_resume_equals_uninterrupted_run(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir), "train.checkpoint_every": 0})
+    compress(str(gpt2_dir), recipe, tmp_path / "whole")
+    polls = iter(range(100))
+    with pytest.raises(Interrupted, match="--resume") as info:
+        compress(str(gpt2_dir), recipe, tmp_path / "cut", stop=lambda: next(polls) == 4)
+    assert info.value.step == 5 and info.value.exit_code == 130
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.checkpoint" / "checkpoint.pt").exists()
+    result = compress(str(gpt2_dir), recipe, tmp_path / "cut", resume=True)
+    assert result.report["train"]["resumed_from"] == 5
+    assert _same(tmp_path / "whole", tmp_path / "cut")
+    assert not (tmp_path / "cut.checkpoint").exists()  # removed once the output is complete
+
+
+def _cli_args(gpt2_dir, data_dir, recipe_file, out, *extra):
+    return [sys.executable, "-m", "compressor", "compress", str(gpt2_dir), "--recipe", str(recipe_file),
+            "--dataset", str(data_dir), "--out", str(out), "--steps", "60", *extra]
+
+
+def _start_and_signal(args, ckpt: Path, sig) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a few steps past the step-0 checkpoint
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(gpt2_dir, data_dir, tmp_path_factory):
+    """The same job as the killed runs, run once without interruption."""
+    folder = tmp_path_factory.mktemp("whole")
+    recipe = _write_recipe(folder / "tiny.yaml")
+    result = CliRunner().invoke(cli, [str(a) for a in _cli_args(gpt2_dir, data_dir, recipe, folder / "out")[3:]])
+    assert result.exit_code == 0, result.output
+    return folder / "out", recipe
+
+
+def _write_recipe(path: Path) -> Path:
+    path.write_text(
+        "prune: {sparsity: 0.5, prune_every: 2, warmup: 0.1, tau: 0.2, final: 0.6}\n"
+        "optim: {lr: 1.0e-3}\nta: {lr: 1.0e-2}\n"
+        "train: {batch_size: 2, eval_every: 0}\ndata: {seq_len: 32}\neval: {max_tokens: 300}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uninterrupted, tmp_path):
+    whole, quick_recipe_file = uninterrupted
+    out = tmp_path / "run"
+    ckpt = checkpoint.checkpoint_dir(out) / "checkpoint.pt"
+    done = _start_and_signal(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3"),
+                             ckpt, sig)
+    if sig == signal.SIGTERM:
+        assert done.returncode == 130, done.stderr
+        assert "--resume" in done.stderr.strip().splitlines()[-1]
+    else:
+        assert done.returncode == -signal.SIGKILL
+    assert not out.exists() and ckpt.exists()
+    resumed = subprocess.run(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3",
+                                       "--resume"), env={**os.environ, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same(out, whole)
+
+
+def _trainer(tmp_path, max_recoveries=3):
+    recipe = Recipe.model_validate({
+        "prune": {"sparsity": 0.5, "prune_every": 2, "warmup": 0.1, "tau": 0.2, "final": 0.6},
+        "optim": {"lr": 1e-3}, "ta": {"lr": 1e-2},
+        "train": {"steps": 10, "batch_size": 2, "eval_every": 0, "max_recoveries": max_recoveries},
+    })
+    model = build_model("gpt2", 97).train()
+    windows = torch.randint(97, (16, 16), generator=torch.Generator().manual_seed(0))
+    pruner = Pruner(recipe.prune, 10).prepare(model)
+    trainer = Trainer(model, pruner, build_optimizer(model, recipe, pruner, None), windows, windows[:2],
+                      recipe, 10, torch.device("cpu"))
+    folder = tmp_path / "ckpt"
+    save = lambda t: checkpoint.save(folder, t.state_dict())  # noqa: E731
+    restore = lambda t: t.load_state_dict(checkpoint.load(folder))  # noqa: E731
+    save(trainer)
+    return trainer, save, restore
+
+
+def _poison(model, calls: set[int]):
+    """Make the loss NaN on the given forward calls (1-based)."""
+    count = [0]
+
+    def hook(module, args, output):
+        count[0] += 1
+        if count[0] in calls:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+
+
+def test_non_finite_loss_rolls_back_and_lowers_step_size(tmp_path):
+    trainer, save, restore = _trainer(tmp_path)
+    lr0 = trainer.scheduler.base_lrs[0]
+    _poison(trainer.model, {4})
+    log = run(trainer, checkpoint=save, restore=restore)
+    assert log.recoveries == [{"step": 4, "restored_to": 0}]
+    assert trainer.scheduler.base_lrs[0] == pytest.approx(lr0 / 2) and trainer.step == 10
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_non_finite_loss_gives_up_after_max_recoveries(tmp_path):
+    trainer, save, restore = _trainer(tmp_path, max_recoveries=2)
+    _poison(trainer.model, set(range(1, 1000)))
+    with pytest.raises(JobError, match="after 2 recoveries"):
+        run(trainer, checkpoint=save, restore=restore)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir), "train.mixed_precision": "bf16",
+                                             "train.steps": 4})
+    result = compress(str(gpt2_dir), recipe, tmp_path / "bf16")
+    assert result.report["recipe"]["train"]["mixed_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(result.report["perplexity"]["pruned"]["ppl"]))
+    assert all(v.dtype == torch.float32 for v in _tensors(tmp_path / "bf16").values())  # weights stay fp32
