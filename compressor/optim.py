@@ -12,7 +12,8 @@ over a reference loss (`target="reference"`), since a language model's loss neve
 reaches 0. Norms and dot products run over all parameters together.
 
 With `ta_lr=0` the step is exactly `torch.optim.AdamW` (single-tensor path). Masked
-weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them.
+weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them, and their
+gradients are zeroed in place.
 The TA step size follows the learning-rate schedule: eta_TA(t) = ta_lr * lr(t) / lr(0).
 """
 
@@ -66,8 +67,7 @@ class TAAdamW(torch.optim.Optimizer):
         ta_on = self.ta["lr"] > 0
         if ta_on and loss is None:
             raise ValueError("the TA term needs the loss: call step(loss=...) or pass a closure")
-        dot = torch.zeros((), dtype=torch.float64)
-        sq_norm = torch.zeros((), dtype=torch.float64)
+        dots, sq_norms = [], []  # per-parameter <g, d> and ||d||^2, summed once at the end
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -75,6 +75,8 @@ class TAAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad, mask = p.grad, self.masks.get(p)
+                if mask is not None:
+                    grad.mul_(mask)  # masked weights take no part: in the moments, the norms, the TA term
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -92,19 +94,27 @@ class TAAdamW(torch.optim.Optimizer):
                 if mask is None:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                 else:
-                    delta = (exp_avg / denom).mul_(-step_size)
+                    # A masked weight keeps its value: its moments may still be non-zero from
+                    # before it was masked, so the update itself is masked (decay included).
+                    delta = torch.div(exp_avg, denom, out=denom).mul_(-step_size)
                     if wd != 0:
                         delta.add_(p, alpha=-lr * wd)
                     p.add_(delta.mul_(mask))
                 if ta_on:
-                    g = grad if mask is None else grad * mask
-                    d = g if self.ta["space"] == "gradient" else self._adam_direction(p, group)
-                    if mask is not None:
-                        d = d * mask
-                    dot += (g.double() * d).sum()
-                    sq_norm += d.double().pow(2).sum()
+                    g = grad.reshape(-1)
+                    if self.ta["space"] == "gradient":
+                        dots.append(torch.dot(g, g))
+                    else:
+                        d = self._adam_direction(p, group)
+                        if mask is not None:
+                            d.mul_(mask)
+                        d = d.reshape(-1)
+                        dots.append(torch.dot(g, d))
+                        sq_norms.append(torch.dot(d, d))
         if ta_on:
-            self._ta_step(float(loss), dot.item(), sq_norm.item())
+            dot = torch.stack(dots).double().sum().item() if dots else 0.0
+            sq_norm = torch.stack(sq_norms).double().sum().item() if sq_norms else dot
+            self._ta_step(float(loss), dot, sq_norm)
         return loss
 
     @torch.no_grad()
@@ -125,10 +135,13 @@ class TAAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if ta["space"] == "gradient":
+                    p.add_(p.grad, alpha=-coef)  # the gradient is already masked in step()
+                    continue
+                d = self._adam_direction(p, group)
                 mask = self.masks.get(p)
-                d = p.grad if ta["space"] == "gradient" else self._adam_direction(p, group)
                 if mask is not None:
-                    d = d * mask
+                    d.mul_(mask)
                 p.add_(d, alpha=-coef)
         self.last_ta = {"coef": coef, "norm": coef * math.sqrt(sq_norm), "energy": energy,
                         "saturated": saturation < 1.0}
