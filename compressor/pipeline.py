@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .artifacts import export_artifacts, export_lines, onnx_error
 from .data import load_texts, tokenize, windows
-from .errors import UsageError
+from .errors import ExportError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export import check_output_dir, save_model, staged_output, write_json
 from .models import load_model, model_context
@@ -29,7 +30,7 @@ class Result:
 
     @property
     def table(self) -> str:
-        return format_table(self.report)
+        return "\n".join([format_table(self.report), *export_lines(self.report.get("export", {}))])
 
 
 def default_output(model: str, recipe: Recipe) -> Path:
@@ -96,10 +97,10 @@ def compress(
     if tokens["test"].numel() < 2:
         raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
 
-    def evaluate(stage: str) -> Perplexity:
+    def evaluate(stage: str, model=None) -> Perplexity:
         notify({"stage": stage})
         return perplexity(
-            net, tokens["test"], eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
+            net if model is None else model, tokens["test"], eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
             batch_size=recipe.eval.batch_size, device=device, progress=lambda e: notify({**e, "stage": stage}),
         )
 
@@ -145,8 +146,13 @@ def compress(
             "tapc.recipe": json.dumps(report["recipe"]),
         }
         save_model(net, tokenizer, stage / "model", metadata)
+        report["export"] = export_artifacts(net, stage / "model", stage, recipe.export, pruned_names,
+                                            evaluate=lambda m: evaluate("eval-int8", m), progress=notify)
         (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         write_json(stage / "training_log.json", log.to_dict())
         report["seconds"] = time.perf_counter() - started
         write_json(stage / "report.json", report)
-    return Result(report=report, output=out)
+    result = Result(report=report, output=out)
+    if onnx_error(report["export"]):
+        raise ExportError(f"{onnx_error(report['export'])}; everything else is in {out}", result)
+    return result

@@ -65,14 +65,7 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
 def format_table(report: dict) -> str:
     """The report as plain text: the per-layer table, then the summary lines."""
     sp = report["sparsity"]
-    width = max([len(layer["name"]) for layer in sp["layers"]] + [5])
-    lines = [f"{'layer':<{width}}  {'shape':>12}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}"]
-    for layer in sp["layers"]:
-        shape = "x".join(str(s) for s in layer["shape"])
-        lines.append(
-            f"{layer['name']:<{width}}  {shape:>12}  {layer['params']:>10,}  {layer['zeros']:>10,}  "
-            f"{layer['sparsity']:>8.2%}"
-        )
+    lines = layer_table(sp)
     dense, pruned = report["perplexity"]["dense"], report["perplexity"]["pruned"]
     lines += [
         "",
@@ -86,3 +79,16 @@ def format_table(report: dict) -> str:
         f"output            {report['output']}",
     ]
     return "\n".join(lines)
+
+
+def layer_table(sp: dict) -> list[str]:
+    """The per-layer rows of a `sparsity_summary`, with a header."""
+    width = max([len(layer["name"]) for layer in sp["layers"]] + [5])
+    lines = [f"{'layer':<{width}}  {'shape':>12}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}"]
+    for layer in sp["layers"]:
+        shape = "x".join(str(s) for s in layer["shape"])
+        lines.append(
+            f"{layer['name']:<{width}}  {shape:>12}  {layer['params']:>10,}  {layer['zeros']:>10,}  "
+            f"{layer['sparsity']:>8.2%}"
+        )
+    return lines

@@ -32,7 +32,7 @@ def test_compress_end_to_end(model_dir, data_dir, quick_recipe_file, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["recipe"]["prune"]["sparsity"] == 0.4
-    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "training_log.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "sparse", "training_log.json"]
     assert json.loads((out / "report.json").read_text())["sparsity"] == report["sparsity"]
     # Zeros counted independently in the saved safetensors agree with the report.
     tensors = load_file(out / "model" / "model.safetensors")
