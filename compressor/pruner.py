@@ -232,6 +232,9 @@ class Pruner:
         """Write w * mask into the weights and remove the parametrizations."""
         for module in self.modules.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # w * 0 is -0.0 for negative w; adding +0.0 makes every masked weight +0.0
+            # (IEEE: -0.0 + 0.0 = +0.0, any other value unchanged), so zeros are plain zeros.
+            module.weight.data.add_(0.0)
         self.scores.clear()
 
     def state_dict(self) -> dict:

@@ -11,8 +11,9 @@ compressed-tensors' "sparse-bitmask"):
 Every other tensor is stored as it is. A 1-bit mask costs 1/32 of a float32 weight,
 so a tensor at sparsity s takes about (1 - s) + 1/32 of its dense bytes.
 
-"Kept" means any bit pattern other than +0.0, so a -0.0 survives the round trip and
-the restored weights are bit-for-bit the dense ones.
+Both +0.0 and -0.0 count as zero and come back as +0.0 (w * mask leaves -0.0 behind
+every negative masked weight, about half of them; keeping those would double the
+values stored). tapc's pruner writes +0.0, so its outputs round-trip bit for bit.
 """
 
 from __future__ import annotations
@@ -27,17 +28,11 @@ from safetensors.torch import save_file
 
 FORMAT = "tapc-sparse-bitmask"
 FILENAME = "model.sparse.safetensors"
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _kept(tensor: torch.Tensor) -> torch.Tensor:
-    # Compare bits, not values: -0.0 == 0 would otherwise be dropped and come back as +0.0.
-    return tensor.contiguous().view(_INT_VIEW[tensor.element_size()]) != 0
 
 
 def compress_tensor(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
-    kept = _kept(rows)
+    kept = rows != 0  # NaN counts as kept
     bits = np.packbits(kept.numpy(), axis=1, bitorder="little")
     return {
         "compressed": rows[kept].clone(),
