@@ -111,6 +111,14 @@ def load_model(
     except Exception as exc:  # corrupt files surface as many different exception types
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise UsageError(f"could not read model {spec} ({text[:200]}); is the file complete and not corrupt?") from None
+    if source["kind"] == "gguf":
+        # transformers dequantizes GGUF to float32 tensors but keeps its GGUF quantizer
+        # attached, and save_pretrained then refuses to save the model. The weights are
+        # plain float32, so the quantizer has nothing left to do: detach it.
+        # The same for the config, or the saved config.json would claim GGUF quantization.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
