@@ -130,7 +130,7 @@ def onnx_error(exported: dict) -> str | None:
     return exported.get("onnx", {}).get("error")
 
 
-def export(model_dir: str | Path, out: str | Path | None = None, *, config: ExportConfig | None = None,
+def export_model(model_dir: str | Path, out: str | Path | None = None, *, config: ExportConfig | None = None,
            overwrite: bool = False, progress=None) -> dict:
     """Export a saved model directory to `OUT/sparse/` and `OUT/onnx/` (`tapc export`).
 

@@ -159,7 +159,7 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
     """Export a saved MODEL directory to ONNX (fp32 and int8) and the compact sparse format."""
-    from .artifacts import export as run_export
+    from .artifacts import export_model
     from .artifacts import export_lines
     from .recipe import ExportConfig
 
@@ -168,7 +168,7 @@ def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
     def job():
         config = ExportConfig(onnx=onnx, int8=int8 and onnx, sparse=sparse, onnx_atol=atol)
         with ProgressView(console) as view:
-            return run_export(model, out, config=config, overwrite=overwrite, progress=view)
+            return export_model(model, out, config=config, overwrite=overwrite, progress=view)
 
     result = run_job(debug, job)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else "\n".join(export_lines(result)))
