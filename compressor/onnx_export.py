@@ -76,11 +76,12 @@ def check_against_torch(model: nn.Module, path: Path, vocab_size: int, shapes=CH
     """Max absolute logit difference between onnxruntime and PyTorch on each shape."""
     session = _session(path)
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     diffs = []
     for shape in shapes:
         ids = torch.randint(vocab_size, shape, generator=gen)
         with torch.no_grad():
-            expected = model(input_ids=ids, use_cache=False).logits.float().numpy()
+            expected = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu().numpy()
         got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
         if got.shape != expected.shape:
             diffs.append({"shape": list(shape), "max_abs_diff": float("inf"),
@@ -100,6 +101,7 @@ def export_onnx(model: nn.Module, folder: Path, *, atol: float = 1e-3, opset: in
     shapes = [s for s in CHECK_SHAPES if not context or s[1] <= context]
     vocab = model.config.vocab_size
     example = torch.randint(vocab, EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
+    example = example.to(next(model.parameters()).device)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     started = time.perf_counter()
     try:
