@@ -90,7 +90,7 @@ def export_artifacts(model, model_dir: Path, out: Path, config: ExportConfig, pr
     result: dict = {}
     if config.sparse:
         notify({"stage": "export-sparse"})
-        result["sparse"] = {**write_sparse(model_dir, out / "sparse", pruned)}
+        result["sparse"] = write_sparse(model_dir, out / "sparse", pruned)
     if config.onnx:
         try:
             result.update(write_onnx(model, model_dir, out / "onnx", config, evaluate, notify))

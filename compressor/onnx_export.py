@@ -59,8 +59,12 @@ def _quiet():
 def onnx_bytes(path: Path) -> int:
     """Size of an ONNX model with its external data files, if any."""
     path = Path(path)
-    data = [p for p in path.parent.glob(f"{path.name}.data")] + [p for p in path.parent.glob(f"{path.name}_data")]
-    return path.stat().st_size + sum(p.stat().st_size for p in data)
+    return path.stat().st_size + sum(p.stat().st_size for p in _external_data(path))
+
+
+def _external_data(path: Path) -> list[Path]:
+    # torch writes model.onnx.data; onnxruntime's quantizer writes model.int8.onnx_data.
+    return [p for p in (path.with_name(f"{path.name}.data"), path.with_name(f"{path.name}_data")) if p.exists()]
 
 
 def _session(path: Path):
@@ -141,7 +145,7 @@ def quantize_int8(model: nn.Module, folder: Path) -> dict:
     try:
         with _quiet():
             quantize_dynamic(source, path, weight_type=QuantType.QInt8,
-                             use_external_data_format=onnx_bytes(source) > source.stat().st_size)
+                             use_external_data_format=bool(_external_data(source)))
     except Exception as exc:
         _remove(path)
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
@@ -156,7 +160,7 @@ def quantize_int8(model: nn.Module, folder: Path) -> dict:
 
 
 def _remove(path: Path) -> None:
-    for p in [path, *path.parent.glob(f"{path.name}.data"), *path.parent.glob(f"{path.name}_data")]:
+    for p in [path, *_external_data(path)]:
         p.unlink(missing_ok=True)
 
 
