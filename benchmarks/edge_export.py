@@ -128,12 +128,12 @@ def main() -> None:
             "latency_s": {**timing, **lat},
         })
         del masked, restored
-
-    result = {"model": str(gguf), "machine": f"{torch.get_num_threads()} torch threads, CPU",
-              "torch": torch.__version__, "seconds": time.perf_counter() - started, "runs": rows}
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+        # Written after every sparsity, so a run cut short keeps what it measured.
+        result = {"model": str(gguf), "machine": f"{torch.get_num_threads()} torch threads, CPU",
+                  "torch": torch.__version__, "seconds": time.perf_counter() - started, "runs": rows}
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+        print(markdown(result), flush=True)
 
 
 def markdown(result: dict) -> str:
