@@ -77,6 +77,7 @@ def main() -> None:
     dense.tokenizer.save_pretrained(dense_dir)
     dense_bytes = sum(p.stat().st_size for p in dense_dir.glob("*.safetensors"))
     timing = {"eager_dense": latency(eager(dense.model), ids, args.repeats)}
+    del dense  # compress loads its own copy; several 135M models at once run a shared machine out of memory
     rows = []
     for sparsity in args.sparsity:
         overrides = {"prune.sparsity": sparsity, "prune.pattern": args.pattern, "data.dataset": args.dataset,
