@@ -32,16 +32,21 @@ from compressor.evaluate import perplexity  # noqa: E402
 from compressor.onnx_export import INT8_NAME, ONNX_NAME, OnnxCausalLM  # noqa: E402
 
 
-def latency(fn, ids, repeats: int) -> float:
-    """Median seconds of `fn(ids)` after warm-up runs."""
-    for _ in range(3):
-        fn(ids)
-    times = []
+def latencies(fns: dict, ids, repeats: int) -> dict[str, float]:
+    """Median seconds of each `fn(ids)`, measured round-robin.
+
+    Interleaving matters on a shared machine: the load changes by the minute, and
+    it should weigh on every variant alike, not on whichever ran during a busy spell.
+    """
+    for fn in fns.values():
+        fn(ids)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def eager(model):
@@ -76,7 +81,6 @@ def main() -> None:
     dense.model.save_pretrained(dense_dir)
     dense.tokenizer.save_pretrained(dense_dir)
     dense_bytes = sum(p.stat().st_size for p in dense_dir.glob("*.safetensors"))
-    timing = {"eager_dense": latency(eager(dense.model), ids, args.repeats)}
     del dense  # compress loads its own copy; several 135M models at once run a shared machine out of memory
     rows = []
     for sparsity in args.sparsity:
@@ -98,14 +102,15 @@ def main() -> None:
         masked = loaded.model
         restored = load_model(str(out / "sparse")).model
         exact = all(torch.equal(a, b) for a, b in zip(masked.state_dict().values(), restored.state_dict().values()))
+        del restored
         tokens = tokenize(loaded.tokenizer, load_texts(args.dataset).texts["test"])
-        onnx_ppl = perplexity(OnnxCausalLM(out / "onnx" / ONNX_NAME), tokens, pruned_ppl["seq_len"],
-                              max_tokens=pruned_ppl["max_tokens"], batch_size=recipe.eval.batch_size)
-        lat = {
-            "eager_pruned": latency(eager(masked), ids, args.repeats),
-            "ort_fp32": latency(OnnxCausalLM(out / "onnx" / ONNX_NAME), ids, args.repeats),
-            "ort_int8": latency(OnnxCausalLM(out / "onnx" / INT8_NAME), ids, args.repeats),
-        }
+        fp32 = OnnxCausalLM(out / "onnx" / ONNX_NAME)
+        onnx_ppl = perplexity(fp32, tokens, pruned_ppl["seq_len"], max_tokens=pruned_ppl["max_tokens"],
+                              batch_size=recipe.eval.batch_size)
+        dense_model = load_model(str(dense_dir)).model
+        lat = latencies({"eager_dense": eager(dense_model), "eager_pruned": eager(masked), "ort_fp32": fp32,
+                         "ort_int8": OnnxCausalLM(out / "onnx" / INT8_NAME)}, ids, args.repeats)
+        del masked, loaded, fp32, dense_model
         rows.append({
             "sparsity": sparsity,
             "pattern": args.pattern,
@@ -126,9 +131,8 @@ def main() -> None:
                     "sparse": pruned_ppl["ppl"] if exact else None, "onnx_fp32": onnx_ppl.ppl,
                     "onnx_int8": exported["int8"]["perplexity"]["ppl"]},
             "eval_protocol": pruned_ppl["protocol"],
-            "latency_s": {**timing, **lat},
+            "latency_s": lat,
         })
-        del masked, restored
         # Written after every sparsity, so a run cut short keeps what it measured.
         result = {"model": str(gguf), "machine": f"{torch.get_num_threads()} torch threads, CPU",
                   "torch": torch.__version__, "seconds": time.perf_counter() - started, "runs": rows}
