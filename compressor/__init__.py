@@ -5,8 +5,10 @@ The public API; the `tapc` command is a thin layer over it.
 
 __version__ = "0.1.0"
 
+from .artifacts import export_model  # noqa: E402
+from .saved_models import evaluate_model, inspect_checkpoint  # noqa: E402
 from .compare import compare_runs  # noqa: E402
-from .errors import JobError, TapcError, UsageError  # noqa: E402
+from .errors import ExportError, JobError, TapcError, UsageError  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .models import load_model, prunable_weights  # noqa: E402
 from .optim import TAAdamW  # noqa: E402
@@ -15,9 +17,10 @@ from .pipeline import Result, compress  # noqa: E402
 from .plots import write_plots  # noqa: E402
 from .pruner import Pruner  # noqa: E402
 from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
+from .sparse_format import load_sparse  # noqa: E402
 
 __all__ = [
-    "JobError", "Pruner", "Recipe", "Result", "TAAdamW", "TapcError", "UsageError",
-    "builtin_recipes", "compare_runs", "compress", "load_model", "load_recipe", "perplexity", "prunable_weights",
-    "render_markdown", "write_plots",
+    "ExportError", "JobError", "Pruner", "Recipe", "Result", "TAAdamW", "TapcError", "UsageError",
+    "builtin_recipes", "compare_runs", "compress", "evaluate_model", "export_model", "inspect_checkpoint",
+    "load_model", "load_recipe", "load_sparse", "perplexity", "prunable_weights", "render_markdown", "write_plots",
 ]

@@ -51,7 +51,9 @@ class ProgressView:
     """Renders the library's progress events with rich on stderr."""
 
     LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
-              "train": "pruning + recovery", "eval-pruned": "pruned perplexity", "save": "saving"}
+              "train": "pruning + recovery", "eval-pruned": "pruned perplexity", "save": "saving",
+              "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX (minutes for 100M+ models)",
+              "export-int8": "quantizing ONNX to int8", "eval-int8": "int8 ONNX perplexity", "eval": "perplexity"}
 
     def __init__(self, console: Console):
         self.console = console
@@ -123,6 +125,8 @@ def cli():
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (overrides the recipe's epochs).")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training window (and evaluation window unless the recipe sets eval.seq_len).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
+@click.option("--pattern", help="Sparsity pattern: unstructured (default) or N:M such as 2:4.")
+@click.option("--onnx/--no-onnx", "onnx", default=None, help="Write OUT/onnx/ (default: the recipe's export.onnx, on).")
 @click.option("--seed", type=int, help="Random seed (a CPU run repeats exactly).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints (0: only on a signal).")
@@ -136,7 +140,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, pattern, onnx, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -151,7 +155,7 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
     overrides = {
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
-        "train.checkpoint_every": checkpoint_every,
+        "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
     }
     console = Console(stderr=True)
     gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)
@@ -219,6 +223,101 @@ def compare(runs, as_json, markdown, debug):
     click.echo(format_comparison(comparison, markdown=markdown))
     if comparison["note"]:
         click.echo(f"note: {comparison['note']}", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--out", type=click.Path(), help="Where onnx/ and sparse/ go (default: beside a folder named model, "
+              "else MODEL-export).")
+@click.option("--onnx/--no-onnx", default=True, show_default=True, help="Write onnx/model.onnx, checked with onnxruntime.")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also write onnx/model.int8.onnx (dynamic quantization).")
+@click.option("--sparse/--no-sparse", default=True, show_default=True, help="Write sparse/: non-zero values plus a bitmask.")
+@click.option("--atol", type=click.FloatRange(min=0.0, min_open=True), default=1e-3, show_default=True,
+              help="Largest accepted |logit difference| between ONNX and PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace existing onnx/ or sparse/ folders.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
+    """Export a saved MODEL directory to ONNX (fp32 and int8) and the compact sparse format."""
+    from .artifacts import export_model
+    from .artifacts import export_lines
+    from .recipe import ExportConfig
+
+    console = Console(stderr=True)
+
+    def job():
+        config = ExportConfig(onnx=onnx, int8=int8 and onnx, sparse=sparse, onnx_atol=atol)
+        with ProgressView(console) as view:
+            return export_model(model, out, config=config, overwrite=overwrite, progress=view)
+
+    result = run_job(debug, job)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else "\n".join(export_lines(result)))
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="'wikitext2' or a directory with test.txt (and train.txt).")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Window length (default: the model's context, at most 1024).")
+@click.option("--stride", type=click.IntRange(min=1), help="Sliding-window stride (default: non-overlapping windows).")
+@click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, debug):
+    """Perplexity of MODEL: a model directory, Hub id, .gguf, sparse/ folder, or .onnx file (or onnx/ folder)."""
+    from .saved_models import evaluate_model
+
+    console = Console(stderr=True)
+
+    def job():
+        with ProgressView(console) as view:
+            return evaluate_model(model, dataset, seq_len=seq_len, stride=stride, max_tokens=eval_tokens,
+                                  batch_size=batch_size, progress=view)
+
+    result = run_job(debug, job)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        ppl = result["perplexity"]
+        click.echo(f"perplexity {ppl['ppl']:.4f}  ({ppl['tokens']:,} tokens; {ppl['protocol']})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--pattern", help="Check this N:M pattern (default: the one the run recorded, if any).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def report(model, pattern, as_json, debug):
+    """Per-layer sparsity of a saved MODEL directory (or sparse/ folder), counted from its weights.
+
+    Exits 1 if an N:M pattern does not hold in every group.
+    """
+    from .saved_models import inspect_checkpoint
+    from .report import layer_table
+
+    result = run_job(debug, lambda: inspect_checkpoint(model, pattern))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        sp = result["sparsity"]
+        lines = layer_table(sp) + [
+            "",
+            f"global sparsity   {sp['prunable_sparsity']:.4%} of {sp['prunable_params']:,} projection weights; "
+            f"{sp['total_sparsity']:.2%} of all {sp['total_params']:,} parameters",
+            f"files             {result['bytes'] / 1e6:.1f} MB ({result['format']})",
+        ]
+        check = result.get("pattern")
+        if check:
+            verdict = "holds in every group" if check["holds"] else f"VIOLATED in {check['violating_groups']:,} groups"
+            lines.append(f"pattern {check['pattern']:<9} {verdict} of {check['groups']:,} ({check['source']})")
+        click.echo("\n".join(lines))
+    check = result.get("pattern")
+    if check and not check["holds"]:
+        raise click.ClickException(
+            f"pattern {check['pattern']} does not hold in {check['violating_groups']} groups "
+            f"(layers: {', '.join(check['violating_layers'][:3])})"
+        )
 
 
 def main():

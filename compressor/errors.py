@@ -22,3 +22,11 @@ class JobError(TapcError):
     """The input was accepted but the job could not finish."""
 
     exit_code = 1
+
+
+class ExportError(JobError):
+    """An export failed after the other outputs were written; `result` describes them."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .sparse_format import FILENAME as SPARSE_FILE
+from .sparse_format import is_sparse, load_sparse_model
 
 
 @dataclass
@@ -64,6 +66,9 @@ def load_model(
         source.update(kind="gguf", path=str(path.resolve()), sha256=_sha256(path))
         tok_kwargs = {"gguf_file": name}
         location = folder
+    elif path.is_dir() and is_sparse(path):
+        source.update(kind="sparse", path=str(path.resolve()), sha256={SPARSE_FILE: _sha256(path / SPARSE_FILE)})
+        location, tok_kwargs = str(path), {}
     elif path.is_dir():
         weights = sorted(path.glob("*.safetensors"))
         pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
@@ -87,10 +92,13 @@ def load_model(
             kwargs["use_safetensors"] = True
         location, tok_kwargs = spec, {"revision": revision}
 
-    if source["kind"] == "directory":
+    if source["kind"] in ("directory", "sparse"):
         _check_causal_lm(path, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if source["kind"] == "sparse":
+            model = load_sparse_model(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **tok_kwargs)
     except ValueError as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -109,6 +117,13 @@ def load_model(
     except Exception as exc:  # corrupt files surface as many different exception types
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise UsageError(f"could not read model {spec} ({text[:200]}); is the file complete and not corrupt?") from None
+    if source["kind"] == "gguf":
+        # Belt and braces with dequantize=True above: the weights are plain float32, so no
+        # GGUF quantizer may stay attached (save_pretrained refuses a model that has one)
+        # and config.json must not claim GGUF quantization.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

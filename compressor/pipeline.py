@@ -12,8 +12,9 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as dist
+from .artifacts import export_artifacts, onnx_error
 from .data import load_texts, tokenize, windows
-from .errors import JobError, UsageError
+from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export import check_output_dir, directory_bytes, save_model, staged_output, write_json
 from .markdown import render_markdown
@@ -34,7 +35,7 @@ class Result:
 
     @property
     def table(self) -> str:
-        return format_table(self.report)
+        return "\n".join([format_table(self.report), *export_lines(self.report.get("export", {}))])
 
 
 def default_output(model: str, recipe: Recipe) -> Path:
@@ -113,10 +114,11 @@ def compress(
     if saved:
         checkpoint.verify(saved, fingerprint, ckpt_dir)
 
-    def evaluate(stage: str) -> Perplexity:
+    def evaluate(stage: str, model=None) -> Perplexity:
         notify({"stage": stage})
         return perplexity(
-            net, data["test"], eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
+            net if model is None else model, data["test"], eval_len, stride=recipe.eval.stride,
+            max_tokens=recipe.eval.max_tokens,
             batch_size=recipe.eval.batch_size, device=device, progress=lambda e: notify({**e, "stage": stage}),
         )
 
@@ -194,6 +196,8 @@ def compress(
             "tapc.recipe": json.dumps(report["recipe"]),
         }
         save_model(net, tokenizer, stage / "model", metadata)
+        report["export"] = export_artifacts(net, stage / "model", stage, recipe.export, pruned_names,
+                                            evaluate=lambda m: evaluate("eval-int8", m), progress=notify)
         (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         write_json(stage / "training_log.json", log.to_dict())
         report["size"] = {"model_bytes": directory_bytes(stage / "model")}
@@ -207,7 +211,10 @@ def compress(
         write_json(stage / "report.json", report)
     checkpoint.remove(ckpt_dir)
     dist.barrier()
-    return Result(report=report, output=out)
+    result = Result(report=report, output=out)
+    if onnx_error(report["export"]):
+        raise ExportError(f"{onnx_error(report['export'])}; everything else is in {out}", result)
+    return result
 
 
 def _prepare_data(recipe: Recipe, tokenizer, seq_len: int) -> dict:

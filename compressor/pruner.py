@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import prunable_weights
+from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
 from .recipe import PruneConfig
 from .saliency import NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
@@ -106,9 +107,11 @@ class Pruner:
         self.total_steps = total_steps
         self.criterion = get_criterion(config.saliency)
         self.schedule = get_schedule(config.schedule)
+        self.pattern = parse_pattern(config.pattern)
         # The first step at or after `final`: the mask snaps to the target there, then stays.
         self.final_step = max(1, min(total_steps, math.ceil(config.final * total_steps)))
         self.modules: dict[str, nn.Module] = {}
+        self.input_dims: dict[str, int] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
@@ -118,6 +121,8 @@ class Pruner:
         self.modules = prunable_weights(model)
         if not self.modules:
             raise ValueError("the model has no prunable projection weights (nn.Linear or Conv1D)")
+        self.input_dims = {name: input_dim(module) for name, module in self.modules.items()}
+        check_divisible(self.pattern, {n: tuple(m.weight.shape) for n, m in self.modules.items()}, self.input_dims)
         for module in self.modules.values():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
@@ -208,7 +213,8 @@ class Pruner:
                 score = score.masked_fill(~old[name], -math.inf)
             scores.append(score)
         k = round(target * sum(s.numel() for s in scores))
-        new = global_masks(scores, k, seed=step)
+        keys = selection_keys(scores, [self.input_dims[n] for n in names], k, self.pattern)
+        new = global_masks(keys, k, seed=step)
         record = {"step": step, "target": target, "alpha": alpha, "masked": k,
                   "pruned": 0, "regrown": 0}
         for name, keep in zip(names, new):
@@ -226,6 +232,9 @@ class Pruner:
         """Write w * mask into the weights and remove the parametrizations."""
         for module in self.modules.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # w * 0 is -0.0 for negative w; adding +0.0 makes every masked weight +0.0
+            # (IEEE: -0.0 + 0.0 = +0.0, any other value unchanged), so zeros are plain zeros.
+            module.weight.data.add_(0.0)
         self.scores.clear()
 
     def state_dict(self) -> dict:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UsageError
+from .patterns import parse_pattern
 
 
 class _Section(BaseModel):
@@ -36,6 +37,7 @@ class PruneConfig(_Section):
     stability: float = Field(1.0, ge=0.0, description="lambda in alpha = 1/(1+lambda*std/mean)")
     loss_window: int = Field(20, ge=2, description="steps of loss history for alpha")
     regrowth: bool = Field(True, description="masked weights may come back")
+    pattern: str = Field("unstructured", description="unstructured, or N:M such as 2:4 (at most N of M inputs kept)")
 
     @model_validator(mode="after")
     def _schedule_is_possible(self) -> PruneConfig:
@@ -43,6 +45,12 @@ class PruneConfig(_Section):
             raise ValueError(
                 f"prune.final ({self.final}) must be after prune.warmup ({self.warmup}); "
                 "both are fractions of the run"
+            )
+        pattern = parse_pattern(self.pattern)
+        if self.sparsity < pattern.min_sparsity:
+            raise ValueError(
+                f"pattern {pattern} masks at least {pattern.min_sparsity:.0%} of the weights, more than "
+                f"the target sparsity {self.sparsity}; use --sparsity {pattern.min_sparsity:g} or higher"
             )
         return self
 
@@ -103,6 +111,15 @@ class EvalConfig(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class ExportConfig(_Section):
+    """What `compress` writes besides the safetensors model (OUT/onnx/, OUT/sparse/)."""
+
+    onnx: bool = Field(True, description="write OUT/onnx/model.onnx, checked against PyTorch with onnxruntime")
+    int8: bool = Field(True, description="also write a dynamically quantized int8 ONNX and its perplexity")
+    onnx_atol: float = Field(1e-3, gt=0.0, description="max absolute logit difference ONNX vs PyTorch")
+    sparse: bool = Field(True, description="write OUT/sparse/: non-zero values plus a bitmask")
+
+
 class Recipe(_Section):
     name: str = "custom"
     description: str = ""
@@ -114,6 +131,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def builtin_recipes() -> list[str]:

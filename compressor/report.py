@@ -85,14 +85,7 @@ def check_gates(dense_ppl: float, pruned_ppl: float, gates: Gates | None) -> dic
 def format_table(report: dict) -> str:
     """The report as plain text: the per-layer table, then the summary lines."""
     sp = report["sparsity"]
-    width = max([len(layer["name"]) for layer in sp["layers"]] + [5])
-    lines = [f"{'layer':<{width}}  {'shape':>12}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}"]
-    for layer in sp["layers"]:
-        shape = "x".join(str(s) for s in layer["shape"])
-        lines.append(
-            f"{layer['name']:<{width}}  {shape:>12}  {layer['params']:>10,}  {layer['zeros']:>10,}  "
-            f"{layer['sparsity']:>8.2%}"
-        )
+    lines = layer_table(sp)
     dense, pruned = report["perplexity"]["dense"], report["perplexity"]["pruned"]
     lines += [
         "",
@@ -109,3 +102,16 @@ def format_table(report: dict) -> str:
     if files:
         lines.append(f"read              {', '.join([files['report'], *files['plots'].values()])} in the output")
     return "\n".join(lines)
+
+
+def layer_table(sp: dict) -> list[str]:
+    """The per-layer rows of a `sparsity_summary`, with a header."""
+    width = max([len(layer["name"]) for layer in sp["layers"]] + [5])
+    lines = [f"{'layer':<{width}}  {'shape':>12}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}"]
+    for layer in sp["layers"]:
+        shape = "x".join(str(s) for s in layer["shape"])
+        lines.append(
+            f"{layer['name']:<{width}}  {shape:>12}  {layer['params']:>10,}  {layer['zeros']:>10,}  "
+            f"{layer['sparsity']:>8.2%}"
+        )
+    return lines

@@ -102,5 +102,7 @@ def quick_recipe_file(tmp_path) -> Path:
         "train: {steps: 12, batch_size: 2, eval_every: 6, val_batches: 1}\n"
         "data: {seq_len: 32}\n"
         "eval: {max_tokens: 600, batch_size: 4}\n"
+        # ONNX export takes ~10 s even for a tiny model; the tests that need it turn it on.
+        "export: {onnx: false}\n"
     )
     return path

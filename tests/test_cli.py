@@ -36,7 +36,8 @@ def test_compress_end_to_end(model_dir, data_dir, quick_recipe_file, tmp_path):
     report = json.loads(result.stdout)
     assert report["recipe"]["prune"]["sparsity"] == 0.4
     assert sorted(p.name for p in out.iterdir()) == [
-        "layers.png", "model", "recipe.yaml", "report.json", "report.md", "training.png", "training_log.json"]
+        "layers.png", "model", "recipe.yaml", "report.json", "report.md", "sparse", "training.png",
+        "training_log.json"]
     assert json.loads((out / "report.json").read_text())["sparsity"] == report["sparsity"]
     assert report["files"] == {"report": "report.md", "plots": {"training": "training.png", "layers": "layers.png"},
                                "plots_skipped": []}
