@@ -7,7 +7,6 @@ explicit opt-in because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as dist
-from .artifacts import export_artifacts, onnx_error
+from .artifacts import export_artifacts, export_lines, onnx_error
 from .data import load_texts, tokenize, windows
 from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
