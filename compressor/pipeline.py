@@ -19,7 +19,11 @@ from .models import load_model, model_context
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe, recipe_to_yaml
 from .report import format_table, model_tensors, sparsity_summary
+from .saliency import NEEDS_ACTIVATIONS
 from .train import build_optimizer, total_steps, train
+
+
+CALIBRATION_WINDOWS = 32  # training windows whose activations wanda's scores weigh by
 
 
 @dataclass
@@ -110,6 +114,8 @@ def compress(
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(train_windows))
     pruner = Pruner(recipe.prune, steps).prepare(net)
+    if recipe.prune.saliency in NEEDS_ACTIVATIONS:
+        pruner.calibrate(net, train_windows[:CALIBRATION_WINDOWS], recipe.train.batch_size, device)
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
     log = train(net, pruner, optimizer, train_windows, val_windows, recipe, steps, device, progress=notify)
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
