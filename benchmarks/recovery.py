@@ -324,31 +324,46 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int)
     p.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")])
     p.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")])
+    p.add_argument("--only", type=lambda v: set(v.split(",")), help="run just these method ids (comma-separated)")
+    p.add_argument("--cost-steps", type=int, help="training steps per cost measurement run")
+    p.add_argument("--cost-repeats", type=int, help="alternating runs per configuration")
     p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
-    for key in ("steps", "sparsities", "lrs"):
-        if getattr(args, key) is not None:
-            setattr(settings, key, getattr(args, key))
-    runs_dir = args.out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+def _load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
     runs = {}
     for path in sorted(runs_dir.glob("*.json")):
         run = json.loads(path.read_text())
         if run.get("settings") == settings.fingerprint(run["kind"]):
             runs[run["id"]] = run
+    return runs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
+    for key in ("steps", "sparsities", "lrs", "cost_steps", "cost_repeats"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs = _load_runs(runs_dir, settings)
     if not args.report_only:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         bench, failed = None, False
         for method in plan(settings, runs):
-            if method.id in runs or (method.kind == "cost" and args.no_cost):
+            if method.id in runs or (method.kind == "cost" and args.no_cost) or (args.only and method.id not in args.only):
+                continue
+            # Several processes may share the work (each with fewer threads): a lock file
+            # says a method is taken. A killed process leaves its lock: delete it by hand.
+            lock = runs_dir / f"{method.id}.lock"
+            try:
+                lock.open("x").close()
+            except FileExistsError:
                 continue
             bench = bench or load_bench(settings, args.model, args.dataset, args.quick)
             log(f"[{time.strftime('%H:%M:%S')}] {method.id}: {method.label}")
@@ -361,10 +376,13 @@ def main(argv=None) -> dict:
                 log(f"  !! {method.id} failed: {type(exc).__name__}: {exc}")
                 failed = True
                 continue
+            finally:
+                lock.unlink(missing_ok=True)
             if "perplexity" in result:
                 log(f"  -> PPL {result['perplexity']['ppl']:.2f} ({result['seconds']:.0f} s)")
             runs[method.id] = result
             (runs_dir / f"{method.id}.json").write_text(json.dumps(result, indent=1))
+            runs.update(_load_runs(runs_dir, settings))  # what other processes finished meanwhile
             recovery_report.write(args.out, settings, runs)
         if failed:
             raise SystemExit("some methods failed (see the log above); rerun to retry them")
