@@ -156,7 +156,9 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
           f"{settings.seq_len} validation tokens, never by the test perplexity.",
           "Recovery: steps until the training loss, divided by the dense fine-tuned run's loss on the same "
           f"batch, is back within {TOLERANCE:.0%} of its mean over the {PRE} steps before the update "
-          "(`>n`: not within the n steps before the next update).", "",
+          "(`>n`: not within the n steps before the next update).",
+          "s/step: wall time of the run under whatever else the machine ran; not a cost measure "
+          "(see the cost table).", "",
           "## Dense", "", *_table(summary, None), ""]
     for s in settings.sparsities:
         png = f"loss-s{round(s * 100)}.png"
