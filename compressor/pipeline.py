@@ -23,9 +23,13 @@ from .plots import write_plots
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe, recipe_to_yaml
 from .report import Gates, check_gates, format_table, model_tensors, sparsity_summary
+from .saliency import NEEDS_ACTIVATIONS
 from .train import Interrupted, Trainer, build_optimizer, run, total_steps
 
 SCHEMA_VERSION = 1  # of report.json and --json; bump on incompatible changes
+
+
+CALIBRATION_WINDOWS = 32  # training windows whose activations wanda's scores weigh by
 
 
 @dataclass
@@ -132,6 +136,8 @@ def compress(
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(data["train"]))
     pruner = Pruner(recipe.prune, steps).prepare(net)
+    if recipe.prune.saliency in NEEDS_ACTIVATIONS:
+        pruner.calibrate(net, data["train"][:CALIBRATION_WINDOWS], recipe.train.batch_size, device)
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
     trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
     extra = {"fingerprint": fingerprint, "dense": {"ppl": asdict(dense), "val_loss": dense_val_loss}}

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from .models import prunable_weights
 from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
 from .recipe import PruneConfig
-from .saliency import NEEDS_GRADIENT, get_criterion
+from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
 
 EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
@@ -113,6 +113,7 @@ class Pruner:
         self.modules: dict[str, nn.Module] = {}
         self.input_dims: dict[str, int] = {}
         self.scores: dict[str, torch.Tensor] = {}
+        self.input_norms: dict[str, torch.Tensor] = {}  # wanda: ||x|| per input feature
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
 
@@ -127,6 +128,44 @@ class Pruner:
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
         return self
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device="cpu") -> None:
+        """Record the L2 norm of each prunable layer's input features over `windows` (for wanda).
+
+        The norm is shaped to broadcast over the stored weight: (1, in) for nn.Linear,
+        whose weight is (out, in), and (in, 1) for GPT-2's Conv1D, whose weight is (in, out).
+        """
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def record(module, inputs):
+                x = inputs[0].detach().float()
+                sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                sums[name] = sums[name] + sq if name in sums else sq
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.modules.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, len(windows), batch_size):
+                model(input_ids=windows[i : i + batch_size].to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        for name, module in self.modules.items():
+            norm = sums[name].sqrt()
+            linear = isinstance(module, nn.Linear)
+            self.input_norms[name] = norm[None, :] if linear else norm[:, None]
+
+    def _score(self, name: str) -> torch.Tensor:
+        weight = self.weights[name]
+        if self.config.saliency in NEEDS_ACTIVATIONS and name not in self.input_norms:
+            raise ValueError(f"{self.config.saliency} saliency needs calibration activations; "
+                             "call Pruner.calibrate(model, windows) before the first mask update")
+        return self.criterion(weight, weight.grad, self.input_norms.get(name))
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -167,7 +206,7 @@ class Pruner:
         for name, weight in self.weights.items():
             if weight.grad is None:
                 continue
-            score = self.criterion(weight, weight.grad)
+            score = self._score(name)
             if name in self.scores:
                 self.scores[name].mul_(beta).add_(score, alpha=1 - beta)
             else:
@@ -204,10 +243,9 @@ class Pruner:
         old = self.masks
         scores = []
         for name in names:
-            weight = self.weights[name]
             score = self.scores.get(name)
             if score is None:
-                score = self.criterion(weight, weight.grad)
+                score = self._score(name)
             score = score.float()
             if not cfg.regrowth:
                 score = score.masked_fill(~old[name], -math.inf)

@@ -27,7 +27,7 @@ class PruneConfig(_Section):
     """What is pruned, by which score, and how fast (SPEC: saliency, threshold, schedule)."""
 
     sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="target fraction of prunable weights")
-    saliency: str = Field("taylor", description="taylor (|w*g|) or magnitude (|w|)")
+    saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or wanda (|w|*||x||)")
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")

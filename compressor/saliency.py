@@ -1,8 +1,10 @@
 """Saliency criteria: how much each weight matters (higher = keep).
 
 `taylor` is the first-order Taylor estimate of the loss change if the weight were set
-to zero, |w * dE/dw| (thesis eq. 4.1/4.4); `magnitude` is the |w| baseline. Both take
-the kept value of a masked weight, so masked weights can compete to come back.
+to zero, |w * dE/dw| (thesis eq. 4.1/4.4); `magnitude` is the |w| baseline; `wanda`
+(Sun et al. 2023) is |w| times the L2 norm of the weight's input feature over
+calibration tokens, so a small weight on a loud input still counts. All take the kept
+value of a masked weight, so masked weights can compete to come back.
 """
 
 from __future__ import annotations
@@ -12,21 +14,30 @@ from collections.abc import Callable
 import torch
 
 
-def taylor(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def taylor(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
     if grad is None:
         raise ValueError("taylor saliency needs a gradient; run a backward pass first")
     return (weight * grad).abs_()
 
 
-def magnitude(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def magnitude(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
     return weight.abs()
 
 
-CRITERIA: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+def wanda(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """|w| * ||x||: `input_norm` is already shaped to broadcast over the weight's input axis."""
+    if input_norm is None:
+        raise ValueError("wanda saliency needs calibration activations; call Pruner.calibrate(model, windows) first")
+    return weight.abs() * input_norm
+
+
+CRITERIA: dict[str, Callable[..., torch.Tensor]] = {
     "taylor": taylor,
     "magnitude": magnitude,
+    "wanda": wanda,
 }
 NEEDS_GRADIENT = {"taylor"}
+NEEDS_ACTIVATIONS = {"wanda"}
 
 
 def get_criterion(name: str):

@@ -138,3 +138,34 @@ def test_state_dict_round_trip():
     other.load_state_dict(state)
     assert all(torch.equal(other.masks[n], m) for n, m in pruner.masks.items())
     assert other.sparsity == pruner.sparsity
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_wanda_one_shot_uses_input_norms(kind):
+    model = build_model(kind, 97)
+    pruner = Pruner(PruneConfig(sparsity=0.5, saliency="wanda"), total_steps=1).prepare(model)
+    pruner.calibrate(model, _batch(model, n=4), batch_size=2)
+    for name, weight in pruner.weights.items():
+        norm = pruner.input_norms[name]
+        # Broadcasts along the input axis: (1, in) for nn.Linear, (in, 1) for GPT-2's Conv1D.
+        assert norm.shape[0] == 1 or norm.shape[1] == 1
+        assert (weight * norm).shape == weight.shape
+        assert (norm > 0).all()
+    pruner.step(1)
+    assert pruner.num_masked() == round(0.5 * pruner.num_prunable())
+    # Scaling one input feature up makes all its weights win over magnitude alone.
+    name, module = next(iter(pruner.modules.items()))
+    loud = torch.zeros_like(pruner.input_norms[name])
+    loud.view(-1)[0] = 1e6
+    pruner.input_norms[name] = pruner.input_norms[name] + loud
+    pruner.step(1)
+    mask = pruner.masks[name]
+    column = mask[:, 0] if isinstance(module, torch.nn.Linear) else mask[0, :]
+    assert column.all()
+
+
+def test_wanda_without_calibration_says_how_to_fix():
+    model = build_model("llama", 97)
+    pruner = Pruner(PruneConfig(sparsity=0.3, saliency="wanda"), total_steps=1).prepare(model)
+    with pytest.raises(ValueError, match="calibrate"):
+        pruner.step(1)

