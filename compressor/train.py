@@ -266,3 +266,10 @@ class Interrupted(JobError):
     def __init__(self, step: int, how_to_resume: str = ""):
         super().__init__(f"interrupted at step {step}" + (f"; {how_to_resume}" if how_to_resume else ""))
         self.step = step
+
+
+def train(model, pruner: Pruner | None, optimizer: TAAdamW, train_windows: torch.Tensor, val_windows: torch.Tensor,
+          recipe: Recipe, steps: int, device: torch.device, progress=None) -> TrainLog:
+    """The whole loop in one call, without checkpoints (benchmarks and library users)."""
+    return run(Trainer(model, pruner, optimizer, train_windows, val_windows, recipe, steps, device),
+               progress=progress)
