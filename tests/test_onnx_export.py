@@ -94,8 +94,8 @@ def test_failed_onnx_export_keeps_the_rest(gpt2_dir, data_dir, quick_recipe_file
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "ONNX export failed" in errors[0] and "aten::imaginary" in errors[0]
-    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "sparse",
-                                                     "training_log.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.png", "model", "recipe.yaml", "report.json",
+                                                     "report.md", "sparse", "training.png", "training_log.json"]
     report = json.loads((out / "report.json").read_text())
     assert "aten::imaginary" in report["export"]["onnx"]["error"]
     assert (out / "model" / "model.safetensors").is_file()
