@@ -133,34 +133,8 @@ def compress(
         dense = dist.broadcast(evaluate("eval-dense") if dist.is_main() else None)
         dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
 
-    torch.manual_seed(recipe.seed)
-    steps = total_steps(recipe, len(data["train"]))
-    pruner = Pruner(recipe.prune, steps).prepare(net)
-    if recipe.prune.saliency in NEEDS_ACTIVATIONS:
-        pruner.calibrate(net, data["train"][:CALIBRATION_WINDOWS], recipe.train.batch_size, device)
-    optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
-    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
     extra = {"fingerprint": fingerprint, "dense": {"ppl": asdict(dense), "val_loss": dense_val_loss}}
-
-    def save_checkpoint(t: Trainer) -> None:
-        if dist.is_main():
-            checkpoint.save(ckpt_dir, {**t.state_dict(), **extra})
-        dist.barrier()
-
-    def restore(t: Trainer) -> None:
-        t.load_state_dict(checkpoint.load(ckpt_dir))
-
-    if saved:
-        trainer.load_state_dict(saved)
-        notify({"stage": "train", "resumed": saved["step"]})
-    elif recipe.train.checkpoint_every:
-        save_checkpoint(trainer)  # step 0: something to roll back to if the loss blows up early
-    try:
-        log = run(trainer, progress=notify, checkpoint=save_checkpoint,
-                  restore=restore if recipe.train.checkpoint_every else None, stop=stop)
-    except Interrupted as exc:
-        raise Interrupted(exc.step, f"checkpoint in {ckpt_dir}; run the same command with --resume "
-                                    "to continue") from None
+    steps, pruner, log = _recover(net, recipe, data, device, dense_val_loss, ckpt_dir, extra, saved, notify, stop)
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
     pruned_names = [f"{name}.weight" for name in pruner.modules]
     pruner.finalize()
@@ -195,32 +169,72 @@ def compress(
         "output": str(out),
     }
     with staged_output(out, overwrite or resume) as stage:
-        metadata = {
-            "tapc.version": __version__,
-            "tapc.sparsity": f"{sparsity['prunable_sparsity']:.6f}",
-            "tapc.pruned_tensors": json.dumps(pruned_names),
-            "tapc.recipe": json.dumps(report["recipe"]),
-        }
-        save_model(net, tokenizer, stage / "model", metadata)
-        report["export"] = export_artifacts(net, stage / "model", stage, recipe.export, pruned_names,
-                                            evaluate=lambda m: evaluate("eval-int8", m), progress=notify)
-        (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        write_json(stage / "training_log.json", log.to_dict())
-        report["size"] = {"model_bytes": directory_bytes(stage / "model")}
-        # Plots are drawn here, from the log, never during training; without matplotlib they are skipped.
-        plots, skipped = write_plots(stage, report, log.to_dict())
-        for line in skipped:
-            notify({"stage": "save", "warning": line})
-        report["files"] = {"report": "report.md", "plots": plots, "plots_skipped": skipped}
-        report["seconds"] = time.perf_counter() - started
-        (stage / "report.md").write_text(render_markdown(report, log.to_dict(), plots, skipped), encoding="utf-8")
-        write_json(stage / "report.json", report)
+        _write_outputs(stage, net, tokenizer, recipe, report, log, pruned_names, evaluate, notify, started)
     checkpoint.remove(ckpt_dir)
     dist.barrier()
     result = Result(report=report, output=out)
     if onnx_error(report["export"]):
         raise ExportError(f"{onnx_error(report['export'])}; everything else is in {out}", result)
     return result
+
+
+def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, log, pruned_names: list[str],
+                   evaluate, notify, started: float) -> None:
+    """Everything a run leaves, into the staging directory; fills in the report's last fields."""
+    sparsity = report["sparsity"]
+    metadata = {
+        "tapc.version": __version__,
+        "tapc.sparsity": f"{sparsity['prunable_sparsity']:.6f}",
+        "tapc.pruned_tensors": json.dumps(pruned_names),
+        "tapc.recipe": json.dumps(report["recipe"]),
+    }
+    save_model(net, tokenizer, stage / "model", metadata)
+    report["export"] = export_artifacts(net, stage / "model", stage, recipe.export, pruned_names,
+                                        evaluate=lambda m: evaluate("eval-int8", m), progress=notify)
+    (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    write_json(stage / "training_log.json", log.to_dict())
+    report["size"] = {"model_bytes": directory_bytes(stage / "model")}
+    # Plots are drawn here, from the log, never during training; without matplotlib they are skipped.
+    plots, skipped = write_plots(stage, report, log.to_dict())
+    for line in skipped:
+        notify({"stage": "save", "warning": line})
+    report["files"] = {"report": "report.md", "plots": plots, "plots_skipped": skipped}
+    report["seconds"] = time.perf_counter() - started
+    (stage / "report.md").write_text(render_markdown(report, log.to_dict(), plots, skipped), encoding="utf-8")
+    write_json(stage / "report.json", report)
+
+
+def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckpt_dir: Path, extra: dict,
+             saved: dict | None, notify, stop):
+    """Prune while training, with checkpoints, roll-backs and resume; returns (steps, pruner, log)."""
+    torch.manual_seed(recipe.seed)
+    steps = total_steps(recipe, len(data["train"]))
+    pruner = Pruner(recipe.prune, steps).prepare(net)
+    if recipe.prune.saliency in NEEDS_ACTIVATIONS:
+        pruner.calibrate(net, data["train"][:CALIBRATION_WINDOWS], recipe.train.batch_size, device)
+    optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
+    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
+
+    def save_checkpoint(t: Trainer) -> None:
+        if dist.is_main():
+            checkpoint.save(ckpt_dir, {**t.state_dict(), **extra})
+        dist.barrier()
+
+    def restore(t: Trainer) -> None:
+        t.load_state_dict(checkpoint.load(ckpt_dir))
+
+    if saved:
+        trainer.load_state_dict(saved)
+        notify({"stage": "train", "resumed": saved["step"]})
+    elif recipe.train.checkpoint_every:
+        save_checkpoint(trainer)  # step 0: something to roll back to if the loss blows up early
+    try:
+        log = run(trainer, progress=notify, checkpoint=save_checkpoint,
+                  restore=restore if recipe.train.checkpoint_every else None, stop=stop)
+    except Interrupted as exc:
+        raise Interrupted(exc.step, f"checkpoint in {ckpt_dir}; run the same command with --resume "
+                                    "to continue") from None
+    return steps, pruner, log
 
 
 def _prepare_data(recipe: Recipe, tokenizer, seq_len: int) -> dict:
