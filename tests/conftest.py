@@ -106,3 +106,12 @@ def quick_recipe_file(tmp_path) -> Path:
         "export: {onnx: false}\n"
     )
     return path
+
+
+def run_cli(*args):
+    """`tapc ARGS...` through CliRunner (arguments may be paths or numbers)."""
+    from click.testing import CliRunner
+
+    from compressor.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])

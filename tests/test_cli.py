@@ -7,17 +7,13 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from compressor import __version__
-from compressor.cli import cli
 
 from .test_plots import assert_sensible_png
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import run_cli as run
 
 
 def test_version_and_help():

@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from compressor.cli import cli
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")

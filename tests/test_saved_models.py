@@ -6,14 +6,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from compressor.cli import cli
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")
