@@ -46,36 +46,38 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-loca
 
 @dataclass
 class Settings:
-    """The shared budget. Defaults: the reduced matrix that fits ~1.5 h on 2 busy cores."""
+    """The shared budget. Defaults: issue 4's budget (100 steps of 1 x 256 tokens, ~6 min a method here)."""
 
-    steps: int = 30
-    seq_len: int = 128
+    steps: int = 100
+    seq_len: int = 256
     batch_size: int = 1
-    prune_every: int = 7  # updates at steps 7, 14 and 21 (= final, 70%) of 30
+    prune_every: int = 10  # mask updates every 10 steps until `final` (70%) of the run
     eval_len: int = 512
-    eval_windows: int = 20  # first N windows of `eval_len` test tokens
+    eval_windows: int = 40  # first N windows of `eval_len` test tokens (SPEC's 40 x 512)
     val_windows: int = 16  # validation windows (of seq_len) that pick the learning rate
+    probe_windows: int = 4  # the next validation windows: the loss around each mask update
     calib_windows: int = 32  # training windows whose activations wanda weighs by
     calib_len: int = 256  # tokens per calibration window, whatever the training seq_len
     lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])
-    ta_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1])
+    ta_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_all: bool = False  # True: every trained method gets the LR sweep (the full matrix)
     seed: int = 0
-    cost_steps: int = 6
+    cost_steps: int = 8
     cost_repeats: int = 2
 
     def fingerprint(self, kind: str) -> dict:
         """The settings a result of this kind depends on: a rerun keeps results that match."""
         keep = ["eval_len", "eval_windows", "calib_windows", "calib_len", "seed"]
         if kind not in ("dense", "oneshot"):
-            keep += ["steps", "seq_len", "batch_size", "prune_every", "val_windows"]
+            keep += ["steps", "seq_len", "batch_size", "prune_every", "val_windows", "probe_windows"]
         return {k: getattr(self, k) for k in keep}
 
 
 QUICK = dict(steps=8, seq_len=32, batch_size=2, prune_every=2, eval_len=64, eval_windows=4, val_windows=2,
-             calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5], cost_steps=3, cost_repeats=1)
-FULL = dict(steps=100, seq_len=256, prune_every=10, sweep_all=True, eval_windows=40, ta_lrs=[1e-2, 3e-2, 1e-1])
+             probe_windows=2, calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
+             cost_steps=3, cost_repeats=1)
+FULL = dict(sweep_all=True)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Bench:
     tokens: dict[str, torch.Tensor]
     train_windows: torch.Tensor
     val_windows: torch.Tensor
+    probe_windows: torch.Tensor  # held out from the validation windows that pick the LR
     settings: Settings
     model_label: str
     dense_val_loss: float = 0.0
@@ -143,9 +146,9 @@ def plan(settings: Settings, runs: dict[str, dict]):
     sparsities: (1) the first sparsity: AdamW at the centre and the next learning rate
     of the sweep, TA at the centre, the dense ceiling at the best; (2) the other
     sparsities: AdamW and TA at that best learning rate; (3) the rest of the AdamW sweep
-    and TA at the best learning rate if it moved; (4) the cost; (5) the other methods
-    and TA variants at the best learning rate; (6) the dense ceiling and TA at the other
-    learning rates. A method already done is skipped, so the tiers only add.
+    and TA at the best learning rate if it moved; (4) the cost; (5) gradual magnitude
+    pruning and TA at the thesis constants at the best learning rate, both sparsities;
+    (6) the TA variants there; (7) the dense ceiling and TA at the other learning rates. A method already done is skipped, so the tiers only add.
     `sweep_all` (the full matrix): every trained method at every learning rate.
     """
     centre = settings.lrs[len(settings.lrs) // 2]
@@ -179,12 +182,15 @@ def plan(settings: Settings, runs: dict[str, dict]):
         yield finetune(lr)
         yield taylor(first, lr, ta0)
     yield Method("cost", "step time and peak memory", "cost", first)
+    # The other baselines first at both sparsities, then the TA variants.
+    for s in settings.sparsities:
+        for lr in lrs():
+            yield gmp(s, lr)
+            yield taylor(s, lr, lr)  # the thesis constants: eta_TA = lr
     for s in settings.sparsities:
         for lr in lrs():
             for ta_lr in settings.ta_lrs[1:]:
                 yield taylor(s, lr, ta_lr)
-            yield taylor(s, lr, lr)  # the thesis constants: eta_TA = lr
-            yield gmp(s, lr)
             yield taylor(s, lr, best_ta_lr(settings, runs, s, lr), target="reference")
             # In Adam's space the direction has norm ~sqrt(n) per unit step, so the TA step of
             # norm <= eta_TA * C is only comparable to Adam's at eta_TA ~ lr * sqrt(n) (see README).
@@ -214,6 +220,52 @@ def best_ta_lr(settings: Settings, runs: dict[str, dict], sparsity: float, lr: f
 
 
 # -- running one method -----------------------------------------------------------------
+class ProbeRecovery:
+    """The loss on fixed held-out probe windows around each mask update: how fast it heals.
+
+    A 1-window training loss swings by more than a mask update moves it, so recovery is
+    measured on the same few validation windows every time: just before the masks change
+    (after that step's optimizer update), just after, then after each following step
+    until the loss is back within 5% of the level before the update *and* half of the
+    jump is repaired (or `window` steps have passed). Only those steps pay for a probe.
+    A jump below 0.5% of the loss counts as repaired at once.
+    """
+
+    TOLERANCE = 0.05
+    NOISE = 0.005  # a jump under 0.5% of the loss has nothing to repair
+
+    def __init__(self, net, pruner: Pruner, windows: torch.Tensor, window: int):
+        self.net, self.windows, self.window = net, windows, window
+        self.records: list[dict] = []
+        self._open = False
+        step = pruner.step
+
+        def probed_step(t, recent=()):
+            before = self.loss() if pruner.should_update(t) else None
+            record = step(t, recent)
+            if record is not None:
+                self.records.append({"step": t, "before": before, "trace": [self.loss()]})
+                self._open = not self._healed(self.records[-1])
+            return record
+
+        pruner.step = probed_step
+
+    def loss(self) -> float:
+        return mean_loss(self.net, self.windows, 4, "cpu")
+
+    def _healed(self, r: dict) -> bool:
+        now, before, jump = r["trace"][-1], r["before"], r["trace"][0] - r["before"]
+        return now <= (1 + self.TOLERANCE) * before and now - before <= max(jump / 2, self.NOISE * before)
+
+    def after_step(self, step: int) -> None:
+        if not self._open or step == self.records[-1]["step"]:
+            return
+        r = self.records[-1]
+        r["trace"].append(self.loss())
+        self._open = not self._healed(r) and len(r["trace"]) <= self.window
+
+
+
 def recipe_for(bench: Bench, method: Method) -> Recipe:
     s = bench.settings
     over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
@@ -249,8 +301,11 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
         recipe = recipe_for(bench, method)
         pruner = Pruner(recipe.prune, s.steps).prepare(net) if method.kind == "prune" else None
         optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
+        watch = ProbeRecovery(net, pruner, bench.probe_windows, s.prune_every) if pruner else None
 
         def report(event):
+            if watch:
+                watch.after_step(event["step"])
             if event["step"] % 5 == 0 or event["mask_update"]:
                 progress(f"  {method.id} step {event['step']}/{event['total']} loss {event['loss']:.3f} "
                          f"sparsity {event['sparsity']:.3f} ({event['seconds']:.0f} s)")
@@ -265,6 +320,8 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
                        if recipe.ta.enabled else None,
                        "recipe": recipe.model_dump(mode="json")})
         result["val_loss"] = validation_loss(bench, net)
+        if watch:
+            result["probe"] = watch.records
     result["perplexity"] = evaluate(bench, net)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -307,8 +364,11 @@ def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool
         loaded = load_model(str(path))
         net, tokenizer, label = loaded.model.eval(), loaded.tokenizer, str(path)
     tokens = {k: tokenize(tokenizer, v) for k, v in texts.items()}
-    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len),
-                  windows(tokens["validation"], settings.seq_len), settings, label)
+    val = windows(tokens["validation"], settings.seq_len)
+    probe = val[settings.val_windows : settings.val_windows + settings.probe_windows]
+    if len(probe) < settings.probe_windows:  # little validation text: share windows rather than none
+        probe = val[-settings.probe_windows :]
+    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len), val, probe, settings, label)
     bench.dense_val_loss = validation_loss(bench, net)
     return bench
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 PRE = 3
 TOLERANCE = 0.05
+NOISE = 0.005  # a probe jump under 0.5% of the loss counts as repaired at once
 
 
 def _ratio_series(run: dict, dense: dict | None) -> list[float]:
@@ -46,6 +47,29 @@ def recovery(run: dict, dense: dict | None) -> list[dict]:
     return out
 
 
+def probe_recovery(run: dict) -> list[dict]:
+    """Per mask update, from the probe losses (see `recovery.ProbeRecovery`): the jump and
+    the steps until the loss is within 5% of its level before the update, and until half
+    of the jump is repaired (0: already at the first probe after the update; a jump under
+    0.5% of the loss needs no repair)."""
+    out = []
+    for r in run.get("probe", []):
+        before, trace = r["before"], r["trace"]
+        jump = trace[0] - before
+        within = next((k for k, v in enumerate(trace) if v <= (1 + TOLERANCE) * before), None)
+        half = next((k for k, v in enumerate(trace) if v - before <= max(jump / 2, NOISE * before)), None)
+        out.append({"step": r["step"], "jump": jump / before, "within_5pct": within, "half": half,
+                    "probed": len(trace) - 1})
+    return out
+
+
+def _mean_steps(rec: list[dict], key: str) -> float | None:
+    """Mean steps over updates; one never reached counts as the steps probed plus one."""
+    if not rec:
+        return None
+    return statistics.fmean(x[key] if x[key] is not None else x["probed"] + 1 for x in rec)
+
+
 def mean_recovery(rec: list[dict]) -> float | None:
     rows = [x for x in rec if x["window"] > 0]
     if not rows:
@@ -53,8 +77,17 @@ def mean_recovery(rec: list[dict]) -> float | None:
     return statistics.fmean(x["steps"] if x["steps"] is not None else x["window"] + 1 for x in rows)
 
 
-def _fmt_rec(rec: list[dict]) -> str:
-    return ", ".join(str(x["steps"]) if x["steps"] is not None else f">{x['window']}" for x in rec) or "-"
+def _fmt_jump(row: dict) -> str:
+    return "-" if row.get("mean_jump") is None else f"{row['mean_jump']:+.1%} / {row['max_jump']:+.1%}"
+
+
+def _fmt_steps(row: dict, key: str) -> str:
+    """'1, 0, 2 (1.0)': steps per mask update, then the mean ('>n': not within n probed steps)."""
+    rec = row.get("probe") or []
+    if not rec:
+        return "-"
+    steps = ", ".join(str(x[key]) if x[key] is not None else f">{x['probed']}" for x in rec)
+    return f"{steps} ({_mean_steps(rec, key):.1f})"
 
 
 def _dense_for(run: dict, runs: dict[str, dict]) -> dict | None:
@@ -77,8 +110,12 @@ def summarize(runs: dict[str, dict], sparsities: list[float]) -> dict:
                "seconds_per_step": run["train_seconds"] / len(run["log"]["loss"]) if "log" in run else None}
         if run["kind"] == "prune":
             rec = recovery(run, _dense_for(run, runs))
+            probe = probe_recovery(run)
             row.update({"recovery": rec, "mean_recovery": mean_recovery(rec),
-                        "recovery_basis": "loss / dense fine-tuned loss" if _dense_for(run, runs) else "raw loss"})
+                        "recovery_basis": "loss / dense fine-tuned loss" if _dense_for(run, runs) else "raw loss",
+                        "probe": probe, "mean_jump": statistics.fmean(x["jump"] for x in probe) if probe else None,
+                        "max_jump": max((x["jump"] for x in probe), default=None),
+                        "mean_within_5pct": _mean_steps(probe, "within_5pct"), "mean_half": _mean_steps(probe, "half")})
         rows[run["id"]] = row
     verdicts = {}
     for s in sparsities:
@@ -130,14 +167,16 @@ def _plot(path: Path, runs: dict[str, dict], sparsity: float) -> bool:
 
 
 def _table(summary: dict, sparsity: float | None) -> list[str]:
-    lines = ["| method | id | lr | eta_TA | PPL | x ceiling | val loss | recovery steps per update | mean | s/step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | id | lr | eta_TA | PPL | x ceiling | val loss | probe jump mean / max | "
+             "steps to 5% | steps to half | train-loss steps | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = [r for r in summary["rows"].values()
             if (r["sparsity"] == sparsity if sparsity is not None else r["kind"] in ("dense", "finetune"))]
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in sorted(rows, key=lambda r: (r["kind"] != "dense", r["kind"] != "oneshot", r["ppl"])):
         lines.append(f"| {r['label']} | `{r['id']}` | {f(r['lr'], 'g')} | {f(r['ta_lr'], 'g')} | {r['ppl']:.2f} | "
-                     f"{f(r['vs_ceiling'], '.3f')} | {f(r['val_loss'], '.4f')} | {_fmt_rec(r.get('recovery', []))} | "
+                     f"{f(r['vs_ceiling'], '.3f')} | {f(r['val_loss'], '.4f')} | {_fmt_jump(r)} | "
+                     f"{_fmt_steps(r, 'within_5pct')} | {_fmt_steps(r, 'half')} | "
                      f"{f(r.get('mean_recovery'), '.1f')} | {f(r['seconds_per_step'], '.1f')} |")
     return lines
 
@@ -154,9 +193,12 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
           f"tokens, seed {settings.seed}, linear LR decay, mask update every {settings.prune_every} steps.",
           f"Learning rates are chosen by the validation loss on {settings.val_windows} windows of "
           f"{settings.seq_len} validation tokens, never by the test perplexity.",
-          "Recovery: steps until the training loss, divided by the dense fine-tuned run's loss on the same "
-          f"batch, is back within {TOLERANCE:.0%} of its mean over the {PRE} steps before the update "
-          "(`>n`: not within the n steps before the next update).",
+          f"Recovery after each mask update, on {settings.probe_windows} fixed held-out validation windows "
+          "(the probe): the loss jump the update causes, the steps until the probe loss is back within "
+          f"{TOLERANCE:.0%} of its level before the update (0: it never left), and until half the jump is "
+          "repaired; per update, then the mean (`>n`: not within the n steps probed). "
+          "Train-loss steps: the same 5% rule on the training loss divided by the dense fine-tuned run's "
+          f"loss on the same batch, against its mean over the {PRE} steps before (mean over updates).",
           "s/step: wall time of the run under whatever else the machine ran; not a cost measure "
           "(see the cost table).", "",
           "## Dense", "", *_table(summary, None), ""]
