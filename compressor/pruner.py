@@ -14,7 +14,9 @@ weight and no second copy of the weights. The masks are buffers of the parametri
 
 from __future__ import annotations
 
+import functools
 import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -48,6 +50,64 @@ class Mask(nn.Module):
 
     def forward(self, weight):
         return _StraightThrough.apply(weight, self.mask)
+
+
+class _Workspace:
+    """One reused buffer per device and dtype for `w * mask`, formed one layer at a time.
+
+    Fresh 100-million-element products on every forward and backward would cost both
+    memory (autograd would keep them all for backward) and time (new pages each time).
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        key = (weight.device, weight.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < weight.numel():
+            with torch.inference_mode(False):  # a buffer born in inference mode could not be reused
+                buf = self.buffers[key] = torch.empty(weight.numel(), device=weight.device, dtype=weight.dtype)
+        return torch.mul(weight, mask, out=buf[: weight.numel()].view(weight.shape))
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """`x @ (w * mask).T + b` whose backward recomputes `w * mask` instead of keeping it.
+
+    The weight gradient is the straight-through one, `grad.T @ x` for every weight,
+    masked or not (as through `_StraightThrough`). `transposed`: the weight is stored
+    (in, out), as in GPT-2's Conv1D.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias, workspace, transposed):
+        masked = workspace.masked(weight, mask)
+        y = nn.functional.linear(x, masked.t() if transposed else masked, bias)
+        ctx.save_for_backward(x, weight, mask)
+        ctx.workspace, ctx.transposed = workspace, transposed
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            masked = ctx.workspace.masked(weight, mask).to(g.dtype)
+            dx = (g @ (masked.t() if ctx.transposed else masked)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            xs = x.reshape(-1, x.shape[-1]).to(g.dtype)
+            dw = (xs.t() @ g if ctx.transposed else g.t() @ xs).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            db = g.sum(0).to(ctx.bias_dtype)
+        return dx, dw, None, db, None, None
+
+
+def _masked_forward(module: nn.Module, workspace: _Workspace, x: torch.Tensor) -> torch.Tensor:
+    weight = module.parametrizations.weight
+    return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace,
+                               not isinstance(module, nn.Linear))
 
 
 def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0) -> float:
@@ -124,9 +184,13 @@ class Pruner:
             raise ValueError("the model has no prunable projection weights (nn.Linear or Conv1D)")
         self.input_dims = {name: input_dim(module) for name, module in self.modules.items()}
         check_divisible(self.pattern, {n: tuple(m.weight.shape) for n, m in self.modules.items()}, self.input_dims)
+        workspace = _Workspace()
         for module in self.modules.values():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
+            # The module computes with `w * mask` without keeping it for backward; `module.weight`
+            # still gives `w * mask` to anyone who asks.
+            module.forward = functools.partial(_masked_forward, module, workspace)
         return self
 
     @torch.no_grad()
@@ -160,8 +224,7 @@ class Pruner:
             linear = isinstance(module, nn.Linear)
             self.input_norms[name] = norm[None, :] if linear else norm[:, None]
 
-    def _score(self, name: str) -> torch.Tensor:
-        weight = self.weights[name]
+    def _score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if self.config.saliency in NEEDS_ACTIVATIONS and name not in self.input_norms:
             raise ValueError(f"{self.config.saliency} saliency needs calibration activations; "
                              "call Pruner.calibrate(model, windows) before the first mask update")
@@ -206,7 +269,7 @@ class Pruner:
         for name, weight in self.weights.items():
             if weight.grad is None:
                 continue
-            score = self._score(name)
+            score = self._score(name, weight)
             if name in self.scores:
                 self.scores[name].mul_(beta).add_(score, alpha=1 - beta)
             else:
@@ -215,9 +278,10 @@ class Pruner:
     @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Zero the gradients of masked weights so clipping and the optimizer ignore them."""
+        masks = self.masks  # each property access walks all the parametrizations: once per call
         for name, weight in self.weights.items():
             if weight.grad is not None:
-                weight.grad.mul_(self.masks[name])
+                weight.grad.mul_(masks[name])
 
     def should_update(self, step: int) -> bool:
         if step > self.final_step:
@@ -240,12 +304,12 @@ class Pruner:
         if target == 0.0:
             return None
         names = list(self.modules)
-        old = self.masks
+        old, weights = self.masks, self.weights
         scores = []
         for name in names:
             score = self.scores.get(name)
             if score is None:
-                score = self._score(name)
+                score = self._score(name, weights[name])
             score = score.float()
             if not cfg.regrowth:
                 score = score.masked_fill(~old[name], -math.inf)
@@ -269,6 +333,7 @@ class Pruner:
     def finalize(self) -> None:
         """Write w * mask into the weights and remove the parametrizations."""
         for module in self.modules.values():
+            module.__dict__.pop("forward", None)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             # w * 0 is -0.0 for negative w; adding +0.0 makes every masked weight +0.0
             # (IEEE: -0.0 + 0.0 = +0.0, any other value unchanged), so zeros are plain zeros.

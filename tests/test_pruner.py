@@ -169,3 +169,34 @@ def test_wanda_without_calibration_says_how_to_fix():
     pruner = Pruner(PruneConfig(sparsity=0.3, saliency="wanda"), total_steps=1).prepare(model)
     with pytest.raises(ValueError, match="calibrate"):
         pruner.step(1)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_masked_forward_matches_the_parametrized_weight(kind, autocast):
+    """The layers compute with `w * mask` without keeping it; outputs and straight-through
+    gradients must equal those of a plain forward through `module.weight` (= w * mask)."""
+    model = build_model(kind, 97).eval()  # no dropout: both passes see the same function
+    pruner = Pruner(PruneConfig(sparsity=0.5, saliency="magnitude"), 1).prepare(model)
+    pruner.step(1)
+    ids = _batch(model)
+
+    def run(plain: bool):
+        if plain:  # the forward every module had before prepare(), over the parametrized weight
+            for module in pruner.modules.values():
+                module.__dict__.pop("forward")
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = run(plain=False)
+    ref_loss, ref_grads = run(plain=True)
+    tol = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], **tol, msg=name)
+    masked = ~pruner.masks[next(iter(pruner.masks))]
+    assert masked.any() and grads[next(n for n in grads if "original" in n)][masked].abs().sum() > 0
