@@ -12,8 +12,8 @@ over a reference loss (`target="reference"`), since a language model's loss neve
 reaches 0. Norms and dot products run over all parameters together.
 
 With `ta_lr=0` the step is exactly `torch.optim.AdamW` (single-tensor path). Masked
-weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them, and their
-gradients are zeroed in place.
+weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them; their
+gradients and momentum are zeroed in place, so one that grows back starts afresh.
 The TA step size follows the learning-rate schedule: eta_TA(t) = ta_lr * lr(t) / lr(0).
 """
 
@@ -85,21 +85,21 @@ class TAAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 step = state["step"].item()
-                if mask is None and wd != 0:
-                    p.mul_(1 - lr * wd)
+                if wd != 0:
+                    if mask is None:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        p.addcmul_(p, mask, value=-lr * wd)  # a masked weight keeps its value
                 exp_avg.lerp_(grad, 1 - beta1)
+                if mask is not None:
+                    # Its gradient is zero, but its momentum may not be (from before it was
+                    # masked): zero it, so Adam's step leaves the weight exactly where it is,
+                    # and a weight that grows back starts with a fresh momentum.
+                    exp_avg.mul_(mask)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1**step)
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-                if mask is None:
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
-                else:
-                    # A masked weight keeps its value: its moments may still be non-zero from
-                    # before it was masked, so the update itself is masked (decay included).
-                    delta = torch.div(exp_avg, denom, out=denom).mul_(-step_size)
-                    if wd != 0:
-                        delta.add_(p, alpha=-lr * wd)
-                    p.add_(delta.mul_(mask))
+                p.addcdiv_(exp_avg, denom, value=-step_size)
                 if ta_on:
                     g = grad.reshape(-1)
                     if self.ta["space"] == "gradient":
