@@ -56,6 +56,7 @@ class Settings:
     eval_windows: int = 40  # first N windows of `eval_len` test tokens (SPEC's 40 x 512)
     val_windows: int = 16  # validation windows (of seq_len) that pick the learning rate
     probe_windows: int = 4  # the next validation windows: the loss around each mask update
+    shock_window: int = 30  # steps the probe follows the recovery from a one-shot mask
     calib_windows: int = 32  # training windows whose activations wanda weighs by
     calib_len: int = 256  # tokens per calibration window, whatever the training seq_len
     lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])
@@ -71,11 +72,13 @@ class Settings:
         keep = ["eval_len", "eval_windows", "calib_windows", "calib_len", "seed"]
         if kind not in ("dense", "oneshot"):
             keep += ["steps", "seq_len", "batch_size", "prune_every", "val_windows", "probe_windows"]
+        if kind == "shock":
+            keep += ["shock_window"]
         return {k: getattr(self, k) for k in keep}
 
 
 QUICK = dict(steps=8, seq_len=32, batch_size=2, prune_every=2, eval_len=64, eval_windows=4, val_windows=2,
-             probe_windows=2, calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
+             probe_windows=2, shock_window=3, calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
              cost_steps=3, cost_repeats=1)
 FULL = dict(sweep_all=True)
 
@@ -84,7 +87,7 @@ FULL = dict(sweep_all=True)
 class Method:
     id: str
     label: str
-    kind: str  # dense | oneshot | finetune | prune
+    kind: str  # dense | oneshot | finetune | prune | shock (prune at once, then recover)
     sparsity: float = 0.0
     overrides: dict = field(default_factory=dict)  # recipe overrides (dotted keys)
     saliency: str = ""  # oneshot only
@@ -124,6 +127,20 @@ def taylor(sparsity: float, lr: float, ta_lr: float | None = None, **ta) -> Meth
     label = "dynamic Taylor + TA " + (f"(eta_TA={ta_lr:g}" + "".join(f", {k}={v}" for k, v in ta.items()) + ")")
     return Method(f"{_sid(sparsity)}-taylor-ta{ta_lr:g}{'-' + tag if tag else ''}-{_lr_id(lr)}", label, "prune",
                   sparsity, over)
+
+
+def shock(sparsity: float, lr: float, ta_lr: float | None = None) -> Method:
+    """The whole target at step 1 by global magnitude, then recovery with the mask fixed.
+
+    Dynamic Taylor pruning in small steps barely moves the loss (see the probe columns),
+    so this is the test of TA's claim with damage to repair: the one-shot magnitude mask
+    of baseline 3, then AdamW or TA, the probe following the loss for `shock_window` steps.
+    """
+    base = taylor(sparsity, lr, ta_lr)
+    over = {**base.overrides, "prune.saliency": "magnitude", "prune.warmup": 0.0,
+            "prune.final": 1 / 1000, "prune.regrowth": False}  # final step = step 1, at any budget
+    label = "one-shot magnitude at step 1, then " + base.label.removeprefix("dynamic Taylor + ")
+    return Method(base.id.replace("-taylor-", "-shock-"), label, "shock", sparsity, over)
 
 
 def gmp(sparsity: float, lr: float) -> Method:
@@ -182,19 +199,25 @@ def plan(settings: Settings, runs: dict[str, dict]):
         yield finetune(lr)
         yield taylor(first, lr, ta0)
     yield Method("cost", "step time and peak memory", "cost", first)
-    # The other baselines first at both sparsities, then the TA variants.
+    # Then: gradual magnitude pruning at both sparsities, recovery from a one-shot mask,
+    # the TA variants at the first sparsity, the thesis constants, the rest at the others.
     for s in settings.sparsities:
         for lr in lrs():
             yield gmp(s, lr)
-            yield taylor(s, lr, lr)  # the thesis constants: eta_TA = lr
+    for lr in lrs():
+        yield shock(first, lr)
+        yield shock(first, lr, ta0)
     for s in settings.sparsities:
         for lr in lrs():
             for ta_lr in settings.ta_lrs[1:]:
                 yield taylor(s, lr, ta_lr)
             yield taylor(s, lr, best_ta_lr(settings, runs, s, lr), target="reference")
+            yield taylor(s, lr, lr)  # the thesis constants: eta_TA = lr
             # In Adam's space the direction has norm ~sqrt(n) per unit step, so the TA step of
             # norm <= eta_TA * C is only comparable to Adam's at eta_TA ~ lr * sqrt(n) (see README).
             yield taylor(s, lr, 1.0, space="adam")
+            if s == first:
+                yield shock(first, lr, best_ta_lr(settings, runs, s, lr))
     for lr in by_distance:
         yield finetune(lr)
         yield taylor(first, lr, ta0)
@@ -297,11 +320,12 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
             pruner.calibrate(net, windows(bench.tokens["train"], s.calib_len)[: s.calib_windows])
         pruner.step(1)  # step 1 of 1 is the final step: the exact target, at once
         pruner.finalize()
-    elif method.kind in ("prune", "finetune"):
+    elif method.kind in ("prune", "shock", "finetune"):
         recipe = recipe_for(bench, method)
-        pruner = Pruner(recipe.prune, s.steps).prepare(net) if method.kind == "prune" else None
+        pruner = Pruner(recipe.prune, s.steps).prepare(net) if method.kind != "finetune" else None
         optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
-        watch = ProbeRecovery(net, pruner, bench.probe_windows, s.prune_every) if pruner else None
+        window = s.shock_window if method.kind == "shock" else s.prune_every
+        watch = ProbeRecovery(net, pruner, bench.probe_windows, window) if pruner else None
 
         def report(event):
             if watch:

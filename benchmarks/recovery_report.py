@@ -108,7 +108,7 @@ def summarize(runs: dict[str, dict], sparsities: list[float]) -> dict:
                "ppl": run["perplexity"]["ppl"], "vs_ceiling": run["perplexity"]["ppl"] / ceil_ppl if ceil_ppl else None,
                "lr": run.get("lr"), "ta_lr": (run.get("ta") or {}).get("lr"), "val_loss": run.get("val_loss"),
                "seconds_per_step": run["train_seconds"] / len(run["log"]["loss"]) if "log" in run else None}
-        if run["kind"] == "prune":
+        if run["kind"] in ("prune", "shock"):
             rec = recovery(run, _dense_for(run, runs))
             probe = probe_recovery(run)
             row.update({"recovery": rec, "mean_recovery": mean_recovery(rec),
@@ -166,6 +166,45 @@ def _plot(path: Path, runs: dict[str, dict], sparsity: float) -> bool:
     return True
 
 
+def _shock(out: Path, runs: dict[str, dict]) -> list[str]:
+    """Recovery from the one-shot mask: the probe loss after the update, AdamW against TA."""
+    shocks = sorted((r for r in runs.values() if r["kind"] == "shock" and r.get("probe")), key=lambda r: r["id"])
+    if not shocks:
+        return []
+    at = [1, 2, 5, 10, 20, 30]
+    md = ["## Recovery from a one-shot mask", "",
+          "The whole target pruned at once by global magnitude after step 1, then trained with the mask fixed; "
+          "probe loss (held-out windows) before the update, right after it, and k steps later.", "",
+          "| method | id | before | after | " + " | ".join(f"+{k}" for k in at) + " | steps to half | PPL |",
+          "| --- | --- | --- | --- | " + " | ".join("---" for _ in at) + " | --- | --- |"]
+    for r in shocks:
+        probe, rec = r["probe"][0], probe_recovery(r)[0]
+        trace = probe["trace"]
+        cells = [f"{trace[k]:.4f}" if k < len(trace) else "" for k in at]
+        half = rec["half"] if rec["half"] is not None else f">{rec['probed']}"
+        md.append(f"| {r['label']} | `{r['id']}` | {probe['before']:.4f} | {trace[0]:.4f} | " + " | ".join(cells)
+                  + f" | {half} | {r['perplexity']['ppl']:.2f} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return md + [""]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in shocks:
+        probe = r["probe"][0]
+        ax.plot(range(len(probe["trace"])), probe["trace"], marker=".", label=r["id"])
+    ax.axhline(shocks[0]["probe"][0]["before"], color="black", linestyle="--", linewidth=0.8, label="before the mask")
+    ax.set_xlabel("steps after the one-shot mask")
+    ax.set_ylabel("probe loss (held-out windows)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "shock.png", dpi=110)
+    plt.close(fig)
+    return md + ["", "![recovery from a one-shot mask](shock.png)", ""]
+
+
 def _table(summary: dict, sparsity: float | None) -> list[str]:
     lines = ["| method | id | lr | eta_TA | PPL | x ceiling | val loss | probe jump mean / max | "
              "steps to 5% | steps to half | train-loss steps | s/step |",
@@ -215,6 +254,7 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
         if v["best_oneshot_ppl"]:
             md.append(f"- best one-shot PPL: {v['best_oneshot_ppl']:.2f}")
         md += ["", f"![loss curves at {round(s * 100)}%]({png})" if has_plot else "", ""]
+    md += _shock(out, runs)
     cost = runs.get("cost")
     if cost:
         a, b, q = cost["median"]["adamw"], cost["median"]["prune+ta"], cost["ratios"]
