@@ -31,23 +31,39 @@ def test_recovery_divides_out_batch_difficulty_and_censors_at_next_update():
     assert recovery_report.mean_recovery(rec) == (4 + 1) / 2
 
 
+def test_probe_recovery_counts_steps_to_within_5pct_and_to_half_the_jump():
+    # Before 2.0, a jump to 3.0 (+50%), then 2.6, 2.4 (half repaired), 2.08 (within 5%).
+    run = {"probe": [{"step": 10, "before": 2.0, "trace": [3.0, 2.6, 2.4, 2.08]},
+                     {"step": 20, "before": 2.0, "trace": [2.005]}]}  # under 0.5%: nothing to repair
+    rec = recovery_report.probe_recovery(run)
+    assert [(r["within_5pct"], r["half"], r["probed"]) for r in rec] == [(3, 2, 3), (0, 0, 0)]
+    assert rec[0]["jump"] == 0.5
+    censored = recovery_report.probe_recovery({"probe": [{"step": 5, "before": 2.0, "trace": [3.0, 2.9]}]})
+    assert (censored[0]["within_5pct"], censored[0]["half"]) == (None, None)
+    assert recovery_report._mean_steps(censored, "half") == 2  # never reached: probed steps + 1
+
+
 def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["--quick", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003"]
     result = recovery.main(args)
     rows = result["summary"]["rows"]
     kinds = {r["kind"] for r in rows.values()}
-    assert kinds == {"dense", "oneshot", "finetune", "prune"}
+    assert kinds == {"dense", "oneshot", "finetune", "prune", "shock"}
     assert {"s50-oneshot-magnitude", "s50-oneshot-wanda", "s50-taylor-adamw-lr0.003", "s50-taylor-ta0.01-lr0.003",
             "s50-gmp-adamw-lr0.003", "s50-taylor-ta0.003-lr0.003", "dense-finetune-lr0.003"} <= set(rows)
     for row in rows.values():
         assert row["ppl"] > 1
         if row["kind"] == "prune":
             assert len(row["recovery"]) >= 2 and row["vs_ceiling"] > 0
+            assert len(row["probe"]) == len(row["recovery"])  # one probe record per mask update
+        if row["kind"] == "shock":
+            assert [p["step"] for p in row["probe"]] == [1]  # the whole mask at once
     cost = result["runs"]["cost"]["ratios"]
     assert cost["step_time"] > 0 and cost["peak_memory"] > 0
     md = (out / "results.md").read_text()
     assert "| one-shot global Wanda |" in md and "## Cost of pruning + TA" in md
+    assert "## Recovery from a one-shot mask" in md and (out / "shock.png").stat().st_size > 1000
     assert (out / "loss-s50.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["summary"]["ceiling"] == "dense-finetune-lr0.003"
     # A rerun finds every method done and trains nothing.
