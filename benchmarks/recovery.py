@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -417,6 +418,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _take(lock: Path) -> bool:
+    """Create `lock` with this pid; a lock whose process is gone (killed) is taken over."""
+    try:
+        with lock.open("x") as f:
+            f.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False  # its owner is alive (pid 0: a lock being written this instant)
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return _take(lock)
+        except (PermissionError, FileNotFoundError):
+            return False
+
+
 def _load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
     runs = {}
     for path in sorted(runs_dir.glob("*.json")):
@@ -443,11 +461,9 @@ def main(argv=None) -> dict:
             if method.id in runs or (method.kind == "cost" and args.no_cost) or (args.only and method.id not in args.only):
                 continue
             # Several processes may share the work (each with fewer threads): a lock file
-            # says a method is taken. A killed process leaves its lock: delete it by hand.
+            # holding the owner's pid says a method is taken.
             lock = runs_dir / f"{method.id}.lock"
-            try:
-                lock.open("x").close()
-            except FileExistsError:
+            if not _take(lock):
                 continue
             bench = bench or load_bench(settings, args.model, args.dataset, args.quick)
             log(f"[{time.strftime('%H:%M:%S')}] {method.id}: {method.label}")

@@ -4,6 +4,7 @@ cannot rot) and its recovery-speed metric counts what it says it counts."""
 from __future__ import annotations
 
 import json
+import os
 
 from benchmarks import recovery, recovery_report
 
@@ -71,3 +72,14 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     again = recovery.main(args)
     assert capsys.readouterr().err == ""
     assert again["summary"] == result["summary"]
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "m.lock"
+    lock.write_text(dead.stdout.strip())  # its process has exited
+    assert recovery._take(lock) and lock.read_text() == str(os.getpid())
+    assert not recovery._take(lock)  # now held by a live process (this one)
