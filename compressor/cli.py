@@ -148,6 +148,7 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
     SIGINT or SIGTERM stops after the current step with a checkpoint (exit 130); the
     same command with --resume continues exactly where it stopped.
     """
+    from .errors import ExportError
     from .pipeline import compress as run_compress
     from .recipe import load_recipe
     from .report import Gates
@@ -163,9 +164,14 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
     def job():
         recipe = load_recipe(recipe_path, overrides)
         with ProgressView(console) as view, stop_on_signals(console) as stop:
-            return run_compress(model, recipe, out, overwrite=overwrite, resume=resume, gates=gates,
-                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                progress=view, stop=stop.is_set)
+            try:
+                return run_compress(model, recipe, out, overwrite=overwrite, resume=resume, gates=gates,
+                                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                    progress=view, stop=stop.is_set)
+            except ExportError as exc:  # the rest was written: a CI job still gets its report
+                if as_json and exc.result is not None and exc.result.report:
+                    click.echo(json.dumps(exc.result.report, indent=2, default=str))
+                raise
 
     result = run_job(debug, job)
     if not result.report:  # a non-main process of a distributed run: rank 0 reports

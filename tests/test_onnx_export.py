@@ -90,8 +90,10 @@ def test_failed_onnx_export_keeps_the_rest(gpt2_dir, data_dir, quick_recipe_file
     monkeypatch.setattr(torch.onnx, "export", broken)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["compress", str(gpt2_dir), "--recipe", str(quick_recipe_file), "--dataset",
-                                      str(data_dir), "--out", str(out), "--onnx", "--steps", "2"])
+                                      str(data_dir), "--out", str(out), "--onnx", "--steps", "2", "--json"])
     assert result.exit_code == 1, result.output
+    printed = json.loads(result.stdout)  # --json still prints the report of what was written
+    assert "aten::imaginary" in printed["export"]["onnx"]["error"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "ONNX export failed" in errors[0] and "aten::imaginary" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == ["layers.png", "model", "recipe.yaml", "report.json",
