@@ -409,6 +409,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int)
     p.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")])
     p.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")])
+    p.add_argument("--batch-size", type=int, help="windows per step (default 1); e.g. the cost at a larger batch")
     p.add_argument("--only", type=lambda v: set(v.split(",")), help="run just these method ids (comma-separated)")
     p.add_argument("--cost-steps", type=int, help="training steps per cost measurement run")
     p.add_argument("--cost-repeats", type=int, help="alternating runs per configuration")
@@ -448,7 +449,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
-    for key in ("steps", "sparsities", "lrs", "cost_steps", "cost_repeats"):
+    for key in ("steps", "sparsities", "lrs", "batch_size", "cost_steps", "cost_repeats"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     runs_dir = args.out / "runs"
