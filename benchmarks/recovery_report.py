@@ -22,6 +22,7 @@ from pathlib import Path
 
 PRE = 3
 TOLERANCE = 0.05
+DIVERGED = 1.5  # loss / dense fine-tuned loss above this: left out of the loss plot
 NOISE = 0.005  # a probe jump under 0.5% of the loss counts as repaired at once
 
 
@@ -142,6 +143,12 @@ def _plot(path: Path, runs: dict[str, dict], sparsity: float) -> bool:
         return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
     smooth = lambda xs, k=5: [statistics.fmean(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]  # noqa: E731
+    # A run that diverged (its loss over 1.5 x the dense run's) would flatten every other curve.
+    diverged = [r["id"] for r in trained if max(smooth(_ratio_series(r, _dense_for(r, runs)), 3)) > DIVERGED]
+    trained = [r for r in trained if r["id"] not in diverged]
+    if not trained:
+        plt.close(fig)
+        return False
     dense = sorted((r for r in runs.values() if r["kind"] == "finetune"), key=lambda r: r["val_loss"])
     for run in trained + dense[:1]:
         steps = range(1, len(run["log"]["loss"]) + 1)
@@ -158,7 +165,8 @@ def _plot(path: Path, runs: dict[str, dict], sparsity: float) -> bool:
     top.set_ylabel("training loss (5-step mean)")
     bottom.set_ylabel("loss / dense fine-tuned loss, same batch (3-step mean)")
     bottom.set_xlabel("step (dotted: mask updates)")
-    top.set_title(f"Recovery at {round(sparsity * 100)}% sparsity")
+    top.set_title(f"Recovery at {round(sparsity * 100)}% sparsity"
+                  + (f" (not drawn, diverged: {', '.join(diverged)})" if diverged else ""), fontsize=10)
     top.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

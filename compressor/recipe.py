@@ -140,32 +140,32 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+DEFAULT_RECIPE = "gpt2-wikitext2"  # what `tapc compress` runs without --recipe
+
+
 def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe from a YAML path or a built-in name, then apply dotted overrides.
 
-    `None` gives the built-in default recipe (`Recipe()`, the thesis setting).
+    `None` gives the default job, the built-in `DEFAULT_RECIPE`.
     """
-    if source is None:
-        data: dict[str, Any] = {}
-        label = "default recipe"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            name = str(source).removesuffix(".yaml")
-            if name not in builtin_recipes():
-                raise UsageError(
-                    f"recipe {source!r} not found: give a YAML file or one of "
-                    f"{', '.join(builtin_recipes())}"
-                )
-            path = Path(str(resources.files("compressor") / "recipes" / f"{name}.yaml"))
-        label = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise UsageError(f"recipe {label} is not valid YAML ({first}); fix its syntax") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"recipe {label} must be a YAML mapping of sections, not {type(data).__name__}")
+    source = DEFAULT_RECIPE if source is None else source
+    path = Path(source)
+    if not path.is_file():
+        name = str(source).removesuffix(".yaml")
+        if name not in builtin_recipes():
+            raise UsageError(
+                f"recipe {source!r} not found: give a YAML file or one of "
+                f"{', '.join(builtin_recipes())}"
+            )
+        path = Path(str(resources.files("compressor") / "recipes" / f"{name}.yaml"))
+    label = str(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise UsageError(f"recipe {label} is not valid YAML ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {label} must be a YAML mapping of sections, not {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

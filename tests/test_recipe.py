@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UsageError
-from compressor.recipe import Recipe, builtin_recipes, load_recipe
+from compressor.recipe import builtin_recipes, load_recipe
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -19,12 +19,15 @@ def test_every_recipe_file_loads(path):
 
 
 def test_builtin_names_and_default():
-    assert {"gpt2-wikitext2", "quick-cpu"} <= set(builtin_recipes())
+    assert {"gpt2-wikitext2", "quick-cpu", "thesis"} <= set(builtin_recipes())
     assert load_recipe("quick-cpu").train.steps == 120
-    thesis = load_recipe("gpt2-wikitext2")
-    assert (thesis.optim.lr, thesis.optim.weight_decay, thesis.optim.grad_clip) == (5e-5, 0.01, 1.0)
-    assert (thesis.ta.gamma, thesis.ta.beta, thesis.prune.sparsity, thesis.train.epochs) == (1.0, 0.5, 0.3, 3)
-    assert load_recipe(None) == Recipe()
+    assert load_recipe(None) == load_recipe("gpt2-wikitext2")  # the default job is that file, not the schema
+    for name in ("gpt2-wikitext2", "thesis"):  # the thesis budget and AdamW settings (Tables 5.1/5.2)
+        r = load_recipe(name)
+        assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (5e-5, 0.01, 1.0)
+        assert (r.ta.gamma, r.ta.beta, r.prune.sparsity, r.train.epochs) == (1.0, 0.5, 0.3, 3)
+    thesis = load_recipe("thesis")  # the thesis constants, kept as their own recipe
+    assert thesis.ta.enabled and thesis.ta.lr is None  # eta_TA = lr
 
 
 def test_overrides_win():
