@@ -26,6 +26,8 @@ def test_builtin_names_and_default():
         r = load_recipe(name)
         assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (5e-5, 0.01, 1.0)
         assert (r.ta.gamma, r.ta.beta, r.prune.sparsity, r.train.epochs) == (1.0, 0.5, 0.3, 3)
+    # The TA step the recovery benchmark chose (README, Results); the thesis's eta_TA = lr kept apart.
+    assert load_recipe(None).ta.lr == load_recipe("quick-cpu").ta.lr == 0.1
     thesis = load_recipe("thesis")  # the thesis constants, kept as their own recipe
     assert thesis.ta.enabled and thesis.ta.lr is None  # eta_TA = lr
 
