@@ -255,9 +255,6 @@ class ProbeRecovery:
     A jump below 0.5% of the loss counts as repaired at once.
     """
 
-    TOLERANCE = 0.05
-    NOISE = 0.005  # a jump under 0.5% of the loss has nothing to repair
-
     def __init__(self, net, pruner: Pruner, windows: torch.Tensor, window: int):
         self.net, self.windows, self.window = net, windows, window
         self.records: list[dict] = []
@@ -279,7 +276,7 @@ class ProbeRecovery:
 
     def _healed(self, r: dict) -> bool:
         now, before, jump = r["trace"][-1], r["before"], r["trace"][0] - r["before"]
-        return now <= (1 + self.TOLERANCE) * before and now - before <= max(jump / 2, self.NOISE * before)
+        return recovery_report.within_tolerance(now, before) and recovery_report.half_repaired(now, before, jump)
 
     def after_step(self, step: int) -> None:
         if not self._open or step == self.records[-1]["step"]:

@@ -48,6 +48,16 @@ def recovery(run: dict, dense: dict | None) -> list[dict]:
     return out
 
 
+def within_tolerance(loss: float, before: float) -> bool:
+    """Back within 5% of the loss before the mask update."""
+    return loss <= (1 + TOLERANCE) * before
+
+
+def half_repaired(loss: float, before: float, jump: float) -> bool:
+    """Half of the jump `jump` repaired (a jump under 0.5% of the loss needs no repair)."""
+    return loss - before <= max(jump / 2, NOISE * before)
+
+
 def probe_recovery(run: dict) -> list[dict]:
     """Per mask update, from the probe losses (see `recovery.ProbeRecovery`): the jump and
     the steps until the loss is within 5% of its level before the update, and until half
@@ -57,8 +67,8 @@ def probe_recovery(run: dict) -> list[dict]:
     for r in run.get("probe", []):
         before, trace = r["before"], r["trace"]
         jump = trace[0] - before
-        within = next((k for k, v in enumerate(trace) if v <= (1 + TOLERANCE) * before), None)
-        half = next((k for k, v in enumerate(trace) if v - before <= max(jump / 2, NOISE * before)), None)
+        within = next((k for k, v in enumerate(trace) if within_tolerance(v, before)), None)
+        half = next((k for k, v in enumerate(trace) if half_repaired(v, before, jump)), None)
         out.append({"step": r["step"], "jump": jump / before, "within_5pct": within, "half": half,
                     "probed": len(trace) - 1})
     return out

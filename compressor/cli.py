@@ -245,8 +245,7 @@ def compare(runs, as_json, markdown, debug):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
     """Export a saved MODEL directory to ONNX (fp32 and int8) and the compact sparse format."""
-    from .artifacts import export_model
-    from .artifacts import export_lines
+    from .artifacts import export_lines, export_model
     from .recipe import ExportConfig
 
     console = Console(stderr=True)

@@ -104,10 +104,9 @@ class _MaskedLinear(torch.autograd.Function):
         return dx, dw, None, db, None, None
 
 
-def _masked_forward(module: nn.Module, workspace: _Workspace, x: torch.Tensor) -> torch.Tensor:
+def _masked_forward(module: nn.Module, workspace: _Workspace, transposed: bool, x: torch.Tensor) -> torch.Tensor:
     weight = module.parametrizations.weight
-    return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace,
-                               not isinstance(module, nn.Linear))
+    return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace, transposed)
 
 
 def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0) -> float:
@@ -185,12 +184,13 @@ class Pruner:
         self.input_dims = {name: input_dim(module) for name, module in self.modules.items()}
         check_divisible(self.pattern, {n: tuple(m.weight.shape) for n, m in self.modules.items()}, self.input_dims)
         workspace = _Workspace()
-        for module in self.modules.values():
+        for name, module in self.modules.items():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
             # The module computes with `w * mask` without keeping it for backward; `module.weight`
             # still gives `w * mask` to anyone who asks.
-            module.forward = functools.partial(_masked_forward, module, workspace)
+            transposed = self.input_dims[name] == 0  # stored (in, out), as GPT-2's Conv1D
+            module.forward = functools.partial(_masked_forward, module, workspace, transposed)
         return self
 
     @torch.no_grad()
@@ -219,10 +219,9 @@ class Pruner:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
-        for name, module in self.modules.items():
-            norm = sums[name].sqrt()
-            linear = isinstance(module, nn.Linear)
-            self.input_norms[name] = norm[None, :] if linear else norm[:, None]
+        for name in self.modules:
+            # Along the weight's input axis: (1, in) for a (out, in) weight, (in, 1) for (in, out).
+            self.input_norms[name] = sums[name].sqrt().unsqueeze(1 - self.input_dims[name])
 
     def _score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if self.config.saliency in NEEDS_ACTIVATIONS and name not in self.input_norms:
