@@ -5,8 +5,9 @@ The public API; the `tapc` command is a thin layer over it.
 
 __version__ = "0.1.0"
 
-from .artifacts import export_model  # noqa: E402
-from .saved_models import evaluate_model, inspect_checkpoint  # noqa: E402
+from .export import export_model  # noqa: E402
+from .evaluate import evaluate_model
+from .report import inspect_checkpoint  # noqa: E402
 from .compare import compare_runs  # noqa: E402
 from .errors import ExportError, JobError, TapcError, UsageError  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
@@ -17,7 +18,7 @@ from .pipeline import Result, compress  # noqa: E402
 from .plots import write_plots  # noqa: E402
 from .pruner import Pruner  # noqa: E402
 from .recipe import Recipe, builtin_recipes, load_recipe  # noqa: E402
-from .sparse_format import load_sparse  # noqa: E402
+from .export.sparse import load_sparse  # noqa: E402
 
 __all__ = [
     "ExportError", "JobError", "Pruner", "Recipe", "Result", "TAAdamW", "TapcError", "UsageError",

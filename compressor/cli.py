@@ -24,6 +24,17 @@ from .errors import TapcError
 GATE_FAILED = 3  # exit code of a run whose pruned model missed --max-ppl / --max-ppl-increase
 
 
+def _kinds(value: str | None) -> list[str] | None:
+    """`--quantize int8,int4` -> ["int8", "int4"]; `none` -> []."""
+    if value is None:
+        return None
+    kinds = [] if value.strip().lower() == "none" else [k.strip().lower() for k in value.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("int8", "int4")]
+    if bad or len(set(kinds)) != len(kinds):
+        raise click.BadParameter(f"{value!r}: give int8, int4, int8,int4 or none")
+    return kinds
+
+
 class TapcClickError(click.ClickException):
     def __init__(self, error: TapcError):
         super().__init__(str(error))
@@ -52,8 +63,10 @@ class ProgressView:
 
     LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
               "train": "pruning + recovery", "eval-pruned": "pruned perplexity", "save": "saving",
-              "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX (minutes for 100M+ models)",
-              "export-int8": "quantizing ONNX to int8", "eval-int8": "int8 ONNX perplexity", "eval": "perplexity"}
+              "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX with KV cache, checking it",
+              "export-int8": "int8 ONNX", "export-int4": "int4 ONNX", "calibrate-int4": "GPTQ calibration (int4)",
+              "eval-int8": "int8 ONNX perplexity", "eval-int4": "int4 ONNX perplexity",
+              "eval-quantized": "quantized ONNX perplexity", "eval": "perplexity"}
 
     def __init__(self, console: Console):
         self.console = console
@@ -127,6 +140,8 @@ def cli():
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
 @click.option("--pattern", help="Sparsity pattern: unstructured (default) or N:M such as 2:4.")
 @click.option("--onnx/--no-onnx", "onnx", default=None, help="Write OUT/onnx/ (default: the recipe's export.onnx, on).")
+@click.option("--quantize", metavar="KINDS", callback=lambda c, p, v: _kinds(v),
+              help="Quantized ONNX copies: int8, int4, both (int8,int4) or none (default: the recipe's, both).")
 @click.option("--seed", type=int, help="Random seed (a CPU run repeats exactly).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints (0: only on a signal).")
@@ -140,7 +155,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, pattern, onnx, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, pattern, onnx, quantize, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -157,6 +172,7 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
         "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
+        "export.quantize": quantize,
     }
     console = Console(stderr=True)
     gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)
@@ -233,30 +249,107 @@ def compare(runs, as_json, markdown, debug):
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--out", type=click.Path(), help="Where onnx/ and sparse/ go (default: beside a folder named model, "
+@click.option("--out", type=click.Path(), help="Where onnx*/ and sparse/ go (default: beside a folder named model, "
               "else MODEL-export).")
-@click.option("--onnx/--no-onnx", default=True, show_default=True, help="Write onnx/model.onnx, checked with onnxruntime.")
-@click.option("--int8/--no-int8", default=True, show_default=True, help="Also write onnx/model.int8.onnx (dynamic quantization).")
+@click.option("--onnx/--no-onnx", default=True, show_default=True,
+              help="Write onnx/: the fp32 decoder with KV cache, checked against PyTorch.")
+@click.option("--quantize", metavar="KINDS", default="int8,int4", show_default=True, callback=lambda c, p, v: _kinds(v),
+              help="Quantized copies onnx-int8/, onnx-int4/: int8, int4, int8,int4 or none.")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="int4 weights that share one scale.")
+@click.option("--dataset", help="Calibrate int4 (GPTQ) on its train.txt and measure every model's perplexity and "
+              "top-1 agreement on its test.txt ('wikitext2' or a directory); without it int4 is round-to-nearest.")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Window length with --dataset (default: the model's "
+              "context, at most 1024).")
+@click.option("--eval-tokens", type=click.IntRange(min=2), help="With --dataset, evaluate only the first N test tokens.")
 @click.option("--sparse/--no-sparse", default=True, show_default=True, help="Write sparse/: non-zero values plus a bitmask.")
 @click.option("--atol", type=click.FloatRange(min=0.0, min_open=True), default=1e-3, show_default=True,
               help="Largest accepted |logit difference| between ONNX and PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace existing onnx/ or sparse/ folders.")
+@click.option("--overwrite", is_flag=True, help="Replace existing onnx*/ or sparse/ folders.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
-    """Export a saved MODEL directory to ONNX (fp32 and int8) and the compact sparse format."""
-    from .artifacts import export_lines, export_model
+def export(model, out, onnx, quantize, int4_block_size, dataset, seq_len, eval_tokens, sparse, atol, as_json,
+           overwrite, debug):
+    """Export a saved MODEL directory to ONNX with a KV cache (fp32, int8, int4) and the compact sparse format."""
+    from .export import export_lines, export_model
     from .recipe import ExportConfig
 
     console = Console(stderr=True)
 
     def job():
-        config = ExportConfig(onnx=onnx, int8=int8 and onnx, sparse=sparse, onnx_atol=atol)
+        config = ExportConfig(onnx=onnx, quantize=quantize if onnx else [], sparse=sparse, onnx_atol=atol,
+                              int4_block_size=int(int4_block_size))
         with ProgressView(console) as view:
-            return export_model(model, out, config=config, overwrite=overwrite, progress=view)
+            return export_model(model, out, config=config, dataset=dataset, seq_len=seq_len, max_tokens=eval_tokens,
+                                overwrite=overwrite, progress=view)
 
     result = run_job(debug, job)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else "\n".join(export_lines(result)))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding (see --temperature, --top-k, --top-p).")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample among the K most likely tokens only.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Sample among the most likely tokens "
+              "whose probabilities add up to P.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (instruct models).")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past an end-of-sequence token.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, ignore_eos, debug):
+    """Continue --prompt with MODEL (a model directory, Hub id, .gguf, sparse/ folder, or an onnx*/ folder).
+
+    Tokens stream to stdout as they are generated (with a KV cache); the speed goes to
+    stderr. Greedy unless --sample.
+    """
+    from .generation import Sampling, generate as run_generate, open_decoder
+
+    console = Console(stderr=True)
+    if not sample and any(v is not None for v in (top_k, top_p)):
+        raise click.UsageError("--top-k and --top-p apply to sampling; add --sample")
+
+    def job():
+        decoder, tokenizer, _ = open_decoder(model)
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise click.UsageError(f"{model} has no chat template; leave out --chat")
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        stream = TokenStream(tokenizer)
+        sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
+        eos = None if ignore_eos else tokenizer.eos_token_id
+        result = run_generate(decoder, ids, max_new_tokens, sampling=sampling, eos_token_id=eos, on_token=stream)
+        stream.close()
+        return result
+
+    result = run_job(debug, job)
+    console.print(f"{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new "
+                  f"tokens, {result.tokens_per_second:.1f} tokens/s after the first", highlight=False)
+
+
+class TokenStream:
+    """Prints generated text as it grows, holding back a character still incomplete in UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.printed):
+            click.echo(text[len(self.printed):], nl=False)
+            sys.stdout.flush()
+            self.printed = text
+
+    def close(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        click.echo(text[len(self.printed):] if text.startswith(self.printed) else "")
 
 
 @cli.command(name="eval")
@@ -270,8 +363,8 @@ def export(model, out, onnx, int8, sparse, atol, as_json, overwrite, debug):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, debug):
-    """Perplexity of MODEL: a model directory, Hub id, .gguf, sparse/ folder, or .onnx file (or onnx/ folder)."""
-    from .saved_models import evaluate_model
+    """Perplexity of MODEL: a model directory, Hub id, .gguf, sparse/ folder, or .onnx file (or onnx*/ folder)."""
+    from .evaluate import evaluate_model
 
     console = Console(stderr=True)
 
@@ -298,7 +391,7 @@ def report(model, pattern, as_json, debug):
 
     Exits 1 if an N:M pattern does not hold in every group.
     """
-    from .saved_models import inspect_checkpoint
+    from .report import inspect_checkpoint
     from .report import layer_table
 
     result = run_job(debug, lambda: inspect_checkpoint(model, pattern))

@@ -6,6 +6,10 @@ every token but the first of each window is predicted. With a stride, windows of
 `seq_len` start every `stride` tokens and each token is scored once, with as much
 left context as the window gives (the Hugging Face sliding-window recipe).
 PPL = exp(mean NLL over all predicted tokens).
+
+`evaluate_model` applies it to any saved model (`tapc eval`): a Hugging Face directory
+or Hub id, a `.gguf`, a sparse folder, or an ONNX export, so dense, pruned, ONNX and
+int8/int4 numbers are comparable.
 """
 
 from __future__ import annotations
@@ -67,8 +71,14 @@ def perplexity(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     progress=None,
+    top1: list | None = None,
 ) -> Perplexity:
-    """Perplexity of `model` on a 1-D token stream."""
+    """Perplexity of `model` on a 1-D token stream.
+
+    Given a list as `top1`, the model's most likely next token at every scored position
+    is appended to it (one tensor per window), in the order the tokens are scored, so
+    two models' predictions can be compared (`top1_agreement`).
+    """
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     if tokens.numel() < 2:
@@ -91,6 +101,8 @@ def perplexity(
             nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[j] predicts ids[j+1]
             for row, (begin, _, first) in enumerate(chunk):
                 scored = nll[row, first - begin - 1 :]
+                if top1 is not None:
+                    top1.append(logits[row, first - begin - 1 : -1].argmax(-1).cpu())
                 total_nll += scored.double().sum().item()
                 total_tokens += scored.numel()
             done += len(chunk)
@@ -104,6 +116,14 @@ def perplexity(
     )
 
 
+def top1_agreement(predictions: list, reference: list) -> float:
+    """Fraction of scored positions where two models' most likely next tokens agree."""
+    ours, theirs = torch.cat(predictions), torch.cat(reference)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"predictions cover {ours.numel()} positions, the reference {theirs.numel()}")
+    return float((ours == theirs).double().mean())
+
+
 @torch.no_grad()
 def mean_loss(model, batches: torch.Tensor, batch_size: int, device) -> float:
     """Mean next-token loss over a tensor of windows (validation loss during training)."""
@@ -115,3 +135,31 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int, device) -> float:
         losses.append(model(input_ids=ids, labels=ids).loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None = None, stride: int | None = None,
+                   max_tokens: int | None = None, batch_size: int = 4, progress=None) -> dict:
+    """Perplexity of any saved model on the test split of `dataset` (SPEC protocol)."""
+    from .data import load_texts, tokenize
+    from .errors import UsageError
+    from .generation import open_decoder
+    from .models import model_context
+
+    notify = progress or (lambda event: None)
+    notify({"stage": "load", "model": spec})
+    decoder, tokenizer, source = open_decoder(spec)
+    model = decoder.model if decoder.kind == "pytorch" else decoder
+    context = model_context(model)
+    seq_len = seq_len or min(context or 1024, 1024)
+    if context and seq_len > context:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens; use at most {context}")
+    if stride and stride > seq_len:
+        raise UsageError(f"--stride {stride} exceeds the window of {seq_len}; use a stride <= the window")
+    notify({"stage": "data", "dataset": dataset})
+    texts = load_texts(dataset)
+    tokens = tokenize(tokenizer, texts.texts["test"])
+    if tokens.numel() < 2:
+        raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
+    result = perplexity(model, tokens, seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                        progress=lambda e: notify({**e, "stage": "eval"}))
+    return {"model": source, "dataset": texts.source, "perplexity": result.to_dict()}

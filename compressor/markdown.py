@@ -151,6 +151,43 @@ def _layer_lines(report: dict) -> list[str]:
     return lines
 
 
+def _export_lines(exported: dict) -> list[str]:
+    """The edge files: what each is, how big, and how it was checked against the PyTorch model."""
+    if not exported:
+        return []
+    lines = ["## Edge export", ""]
+    onnx = exported.get("onnx", {})
+    if "error" in onnx:
+        lines += [f"**The ONNX export failed**: {onnx['error']}", ""]
+    elif onnx:
+        cases = ", ".join(f"{c['batch']}×{c['prefill']} then {c['decode_steps']} cached steps"
+                          for c in onnx["logits"]["cases"])
+        same = sum(g["identical"] for g in onnx["greedy"])
+        lines += [f"`{onnx['path']}`: decoder with KV cache, {size(onnx['bytes'])}, written by {onnx['exporter']}; "
+                  f"runs in onnxruntime and onnxruntime-genai (`genai_config.json`).", "",
+                  f"- Logits against PyTorch: max |difference| {onnx['logits']['max_abs_diff']:.2g} "
+                  f"(tolerance {onnx['atol']:g}) on {cases}.",
+                  f"- Greedy text of {len(onnx['greedy'])} prompts, {onnx['greedy'][0]['new_tokens']} tokens each: "
+                  f"identical to PyTorch's for {same}.", ""]
+    rows = []
+    for kind in ("int8", "int4"):
+        q = exported.get(kind)
+        if not q:
+            continue
+        diverge = ", ".join("same" if g["identical"] else f"from token {g['diverges_at']}" for g in q["greedy"])
+        quality = ([f"{q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%})", f"{q['top1_agreement']:.1%}"]
+                   if "perplexity" in q else ["not measured", "not measured"])
+        rows.append([f"`{q['path']}`", size(q["bytes"]), f"{q['bytes_ratio']:.3f}", *quality, diverge, q["projections"]])
+    if rows:
+        lines += _table(["model", "size", "× fp32", "perplexity (vs PyTorch)", "top-1 agreement",
+                         "greedy text vs PyTorch", "weights"], rows, align="lrrrrll") + [""]
+    sparse = exported.get("sparse")
+    if sparse:
+        lines += [f"`{sparse['path']}`: {size(sparse['bytes'])}, {sparse['file_ratio']:.3f} of the dense file "
+                  "(non-zero values and a bitmask; restores the weights exactly).", ""]
+    return lines
+
+
 def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str] | None = None,
                     skipped: list[str] | None = None) -> str:
     """The page: verdict, numbers, recipe, plots, per-layer table."""
@@ -215,6 +252,7 @@ def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str]
     for line in skipped or []:
         lines += [f"> {line}", ""]
 
+    lines += _export_lines(report.get("export", {}))
     lines += [f"## Per-layer sparsity ({len(sp['layers'])} pruned weight matrices)", ""]
     lines += _table(
         ["layer", "shape", "parameters", "zeros", "sparsity"],

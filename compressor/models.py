@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .sparse_format import FILENAME as SPARSE_FILE
-from .sparse_format import is_sparse, load_sparse_model
+from .export.sparse import FILENAME as SPARSE_FILE
+from .export.sparse import is_sparse, load_sparse_model
 
 
 @dataclass
@@ -150,9 +150,9 @@ def _check_causal_lm(folder: Path, spec: str) -> None:
         )
 
 
-def model_context(model: nn.Module) -> int | None:
-    """The longest sequence the model's position encoding supports, if the config says."""
-    config = model.config
+def model_context(model) -> int | None:
+    """The longest sequence the model's position encoding supports, if the config says (a model or its config)."""
+    config = getattr(model, "config", model)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

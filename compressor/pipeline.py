@@ -12,11 +12,11 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as dist
-from .artifacts import export_artifacts, export_lines, onnx_error
+from .export import Evaluation, export_artifacts, export_lines, onnx_error
 from .data import load_texts, tokenize, windows
 from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
-from .export import check_output_dir, directory_bytes, save_model, staged_output, write_json
+from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
 from .markdown import render_markdown
 from .models import load_model, model_context
 from .plots import write_plots
@@ -118,12 +118,12 @@ def compress(
     if saved:
         checkpoint.verify(saved, fingerprint, ckpt_dir)
 
-    def evaluate(stage: str, model=None) -> Perplexity:
+    def evaluate(stage: str, model=None, top1: list | None = None) -> Perplexity:
         notify({"stage": stage})
         return perplexity(
             net if model is None else model, data["test"], eval_len, stride=recipe.eval.stride,
-            max_tokens=recipe.eval.max_tokens,
-            batch_size=recipe.eval.batch_size, device=device, progress=lambda e: notify({**e, "stage": stage}),
+            max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size, device=device,
+            progress=lambda e: notify({**e, "stage": stage}), top1=top1,
         )
 
     val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
@@ -143,7 +143,9 @@ def compress(
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
-    pruned = evaluate("eval-pruned")
+    pruned_top1: list = []  # the fp32 model's predictions, for the quantized models' top-1 agreement
+    pruned = evaluate("eval-pruned", top1=pruned_top1)
+    evaluation = Evaluation(lambda model, top1: evaluate("eval-quantized", model, top1), pruned, pruned_top1)
 
     notify({"stage": "save", "output": str(out)})
     sparsity = sparsity_summary(model_tensors(net), pruned_names)
@@ -169,7 +171,8 @@ def compress(
         "output": str(out),
     }
     with staged_output(out, overwrite or resume) as stage:
-        _write_outputs(stage, net, tokenizer, recipe, report, log, pruned_names, evaluate, notify, started)
+        _write_outputs(stage, net, tokenizer, recipe, report, log, pruned_names, evaluation,
+                       data["train"][: recipe.export.calibration_windows], notify, started)
     checkpoint.remove(ckpt_dir)
     dist.barrier()
     result = Result(report=report, output=out)
@@ -179,7 +182,7 @@ def compress(
 
 
 def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, log, pruned_names: list[str],
-                   evaluate, notify, started: float) -> None:
+                   evaluation: Evaluation, calibration: torch.Tensor, notify, started: float) -> None:
     """Everything a run leaves, into the staging directory; fills in the report's last fields."""
     sparsity = report["sparsity"]
     metadata = {
@@ -189,8 +192,8 @@ def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, lo
         "tapc.recipe": json.dumps(report["recipe"]),
     }
     save_model(net, tokenizer, stage / "model", metadata)
-    report["export"] = export_artifacts(net, stage / "model", stage, recipe.export, pruned_names,
-                                        evaluate=lambda m: evaluate("eval-int8", m), progress=notify)
+    report["export"] = export_artifacts(net, tokenizer, stage / "model", stage, recipe.export, pruned_names,
+                                        evaluation=evaluation, calibration=calibration, progress=notify)
     (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     write_json(stage / "training_log.json", log.to_dict())
     report["size"] = {"model_bytes": directory_bytes(stage / "model")}

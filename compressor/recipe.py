@@ -112,12 +112,30 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    """What `compress` writes besides the safetensors model (OUT/onnx/, OUT/sparse/)."""
+    """What `compress` writes besides the safetensors model (OUT/onnx*/, OUT/sparse/)."""
 
-    onnx: bool = Field(True, description="write OUT/onnx/model.onnx, checked against PyTorch with onnxruntime")
-    int8: bool = Field(True, description="also write a dynamically quantized int8 ONNX and its perplexity")
+    onnx: bool = Field(True, description="write OUT/onnx/: the fp32 decoder with KV cache, checked against PyTorch")
+    quantize: list[Literal["int8", "int4"]] = Field(
+        ["int8", "int4"], description="weight-only quantized copies, OUT/onnx-int8/ and OUT/onnx-int4/")
+    int4_block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights sharing one scale")
+    int4_int8_layers: float = Field(0.1, ge=0.0, le=1.0,
+                                    description="fraction of the last decoder layers kept at 8 bits in the int4 model")
+    calibration_windows: int = Field(32, ge=0, description="training windows GPTQ calibrates int4 on; 0 = round-to-nearest")
     onnx_atol: float = Field(1e-3, gt=0.0, description="max absolute logit difference ONNX vs PyTorch")
     sparse: bool = Field(True, description="write OUT/sparse/: non-zero values plus a bitmask")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "int8" in data:
+            raise ValueError("export.int8 was replaced by export.quantize, a list: [int8], [int4], [int8, int4] or []")
+        return data
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> ExportConfig:
+        if len(set(self.quantize)) != len(self.quantize):
+            raise ValueError(f"export.quantize lists a kind twice: {self.quantize}")
+        return self
 
 
 class Recipe(_Section):

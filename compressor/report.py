@@ -1,13 +1,23 @@
-"""Sparsity accounting and the run report.
+"""Sparsity accounting, the run report, and `tapc report` on any saved model.
 
 Zeros are always counted from the tensors themselves, never taken from metadata.
+`inspect_checkpoint` counts them in the weight files; which tensors are projections
+comes from the architecture (the model built on the meta device), and metadata only
+says which pattern a run claimed, a claim checked against the tensors.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+from .errors import UsageError
+from .export.sparse import FILENAME as SPARSE_FILE
+from .export.sparse import is_sparse, load_sparse
+from .patterns import Pattern, input_dim, parse_pattern, violations
 
 
 @dataclass
@@ -115,3 +125,78 @@ def layer_table(sp: dict) -> list[str]:
             f"{layer['sparsity']:>8.2%}"
         )
     return lines
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if is_sparse(path):
+        return load_sparse(path), "sparse", _metadata(path / SPARSE_FILE)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{path} holds no *.safetensors weights; give a model directory written by tapc or save_pretrained")
+    tensors, meta = {}, {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+        with safe_open(str(file), framework="pt") as fh:
+            meta.update(fh.metadata() or {})
+    return tensors, "safetensors", meta
+
+
+def _metadata(file: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _projections(folder: Path) -> dict[str, int]:
+    """{weight name: input dim} of the projections, from the architecture alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import prunable_weights
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{folder} has no readable config.json ({str(exc).splitlines()[0][:120]}); give a model directory") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {f"{name}.weight": input_dim(module) for name, module in prunable_weights(model).items()}
+
+
+def inspect_checkpoint(spec: str, pattern: str | None = None) -> dict:
+    """Per-layer sparsity counted from the files, and whether an N:M pattern holds.
+
+    `pattern` is checked if given; otherwise the pattern the run recorded (if any).
+    """
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{spec} is not a model directory; give OUT/model or OUT/sparse of a tapc run")
+    tensors, kind, meta = _read_tensors(path)
+    dims = _projections(path)
+    missing = [name for name in dims if name not in tensors]
+    if missing:
+        raise UsageError(f"{spec} lacks the weight {missing[0]} that its config.json implies; is the folder complete?")
+    names = list(dims)
+    report = {"path": str(path), "format": kind, "sparsity": sparsity_summary(tensors, names),
+              "bytes": sum(p.stat().st_size for p in path.glob("*.safetensors"))}
+    claimed = None
+    if meta.get("tapc.recipe"):
+        claimed = json.loads(meta["tapc.recipe"]).get("prune", {}).get("pattern")
+    chosen = pattern or claimed
+    if chosen:
+        try:
+            parsed: Pattern = parse_pattern(chosen)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if parsed.structured:
+            per_layer = {n: violations(tensors[n], dims[n], parsed) for n in names}
+            bad = sum(v[0] for v in per_layer.values())
+            report["pattern"] = {
+                "pattern": str(parsed), "source": "--pattern" if pattern else "recorded by the run",
+                "violating_groups": bad, "groups": sum(v[1] for v in per_layer.values()), "holds": bad == 0,
+                "violating_layers": [n for n, v in per_layer.items() if v[0]],
+            }
+    return report

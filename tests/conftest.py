@@ -59,17 +59,27 @@ def tokenizer(tmp_path_factory, data_dir):
                                    pad_token="<|endoftext|>")
 
 
-def build_model(kind: str, vocab_size: int):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def build_model(kind: str, vocab_size: int, init_range: float = 0.02):
+    """A 2-layer model from a config. A larger `init_range` gives a random model sharper
+    next-token choices (GPT-2 at 0.02 predicts the same token everywhere)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
 
     torch.manual_seed(0)
     if kind == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                            bos_token_id=0, eos_token_id=0)
+                            bos_token_id=0, eos_token_id=0, initializer_range=init_range)
         return GPT2LMHeadModel(config).eval()
+    if kind == "gemma3":  # one sliding-window layer (window 16) and one global one
+        config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=128, sliding_window=16,
+                                  layer_types=["sliding_attention", "full_attention"], bos_token_id=0,
+                                  eos_token_id=0, pad_token_id=0, initializer_range=init_range)
+        return Gemma3ForCausalLM(config).eval()
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, initializer_range=init_range)
     return LlamaForCausalLM(config).eval()
 
 
@@ -78,6 +88,13 @@ def model_dir(request, tmp_path_factory, tokenizer) -> Path:
     """A tiny model saved in Hugging Face layout (safetensors + tokenizer)."""
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     build_model(request.param, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny(folder: Path, kind: str, tokenizer, init_range: float = 0.02) -> Path:
+    """A tiny model saved in Hugging Face layout (safetensors + tokenizer) in `folder`."""
+    build_model(kind, len(tokenizer), init_range).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

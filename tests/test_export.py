@@ -1,59 +1,102 @@
-"""Saved models reload with identical logits and the reported perplexity; outputs are whole or absent."""
+"""What `compress` writes for deployment, and failures that keep everything else."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compressor import compress, load_recipe
-from compressor.data import load_texts, tokenize
-from compressor.evaluate import perplexity
-from compressor.export import read_metadata, save_model, staged_output
-from compressor.pruner import Pruner
-from compressor.recipe import PruneConfig
+from compressor.export import graph, parity
 
-from .conftest import build_model
+from .conftest import run_cli
 
 
-def test_saved_model_reloads_with_identical_logits(tmp_path, tokenizer):
-    model = build_model("llama", len(tokenizer))
-    pruner = Pruner(PruneConfig(sparsity=0.5, saliency="magnitude", final=0.5), 2).prepare(model)
-    pruner.step(1)
-    pruner.finalize()
-    save_model(model, tokenizer, tmp_path / "m", {"tapc.sparsity": "0.5"})
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    ids = torch.randint(len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    assert read_metadata(tmp_path / "m")["tapc.sparsity"] == "0.5"
-    assert read_metadata(tmp_path / "m")["format"] == "pt"
+def _compress(gpt2_dir, data_dir, recipe, out, *extra):
+    return run_cli("compress", gpt2_dir, "--recipe", recipe, "--dataset", data_dir, "--out", out, "--onnx", "--json",
+                   *extra)
 
 
-def test_compress_output_reloads_to_reported_perplexity(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
-    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir)})
-    result = compress(str(gpt2_dir), recipe, tmp_path / "out")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
-    test = tokenize(tok, load_texts(str(data_dir)).texts["test"])
-    ppl = perplexity(model, test, recipe.eval.seq_len or recipe.data.seq_len, max_tokens=recipe.eval.max_tokens)
-    assert ppl.ppl == pytest.approx(result.report["perplexity"]["pruned"]["ppl"], rel=1e-6)
-    meta = read_metadata(tmp_path / "out" / "model")
-    assert float(meta["tapc.sparsity"]) == pytest.approx(result.report["sparsity"]["prunable_sparsity"], abs=1e-6)
-    assert json.loads(meta["tapc.recipe"])["prune"]["sparsity"] == 0.5
-    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
-    assert len(log["loss"]) == recipe.train.steps and log["mask_updates"]
+def test_compress_writes_checked_kv_onnx_and_quantized_models(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(gpt2_dir, data_dir, quick_recipe_file, out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    exported, pruned = report["export"], report["perplexity"]["pruned"]
+    onnx = exported["onnx"]
+    assert onnx["path"] == "onnx/model.onnx" and (out / onnx["path"]).is_file()
+    for name in ("config.json", "tokenizer.json", "genai_config.json"):
+        assert (out / "onnx" / name).is_file()
+    assert onnx["logits"]["max_abs_diff"] <= onnx["atol"] and len(onnx["logits"]["cases"]) == 3
+    assert len(onnx["greedy"]) == 3 and all(g["identical"] for g in onnx["greedy"])
+    for kind in ("int8", "int4"):
+        q = exported[kind]
+        assert (out / q["path"]).is_file() and q["path"] == f"onnx-{kind}/model.onnx"
+        quantized = q["perplexity"]
+        assert quantized["tokens"] == pruned["tokens"] and quantized["protocol"] == pruned["protocol"]
+        assert q["ppl_increase"] == pytest.approx(quantized["ppl"] / pruned["ppl"] - 1)
+        assert 0 < q["top1_agreement"] <= 1 and q["bytes_ratio"] < 1
+        assert [g["prompt_tokens"] for g in q["greedy"]] == [g["prompt_tokens"] for g in onnx["greedy"]]
+    assert exported["int4"]["calibration_windows"] == 32  # GPTQ on the run's first 32 training windows
+    page = (out / "report.md").read_text()
+    assert "## Edge export" in page and "identical to PyTorch's for 3" in page and "onnx-int4/model.onnx" in page
+    assert run_cli("compare", out).exit_code == 0
 
 
-def test_staged_output_is_whole_or_absent(tmp_path):
-    out = tmp_path / "result"
-    with pytest.raises(RuntimeError):
-        with staged_output(out, overwrite=False) as stage:
-            (stage / "half.txt").write_text("x")
-            raise RuntimeError("boom")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    with staged_output(out, overwrite=False) as stage:
-        (stage / "done.txt").write_text("x")
-    assert (out / "done.txt").exists()
+def test_quantize_none_writes_only_fp32(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(gpt2_dir, data_dir, quick_recipe_file, out, "--quantize", "none", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("onnx")) == ["onnx"]
+    assert set(json.loads(result.stdout)["export"]) == {"onnx", "sparse"}
+
+
+def test_failed_onnx_export_keeps_the_rest(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator aten::imaginary")
+
+    monkeypatch.setattr(graph, "_export_with_transformers", broken)
+    out = tmp_path / "out"
+    result = _compress(gpt2_dir, data_dir, quick_recipe_file, out, "--steps", "2")
+    assert result.exit_code == 1, result.output
+    printed = json.loads(result.stdout)  # --json still prints the report of what was written
+    assert "aten::imaginary" in printed["export"]["onnx"]["error"] and "int4" not in printed["export"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "ONNX export failed" in errors[0] and "aten::imaginary" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.png", "model", "recipe.yaml", "report.json",
+                                                     "report.md", "sparse", "training.png", "training_log.json"]
+    assert "aten::imaginary" in json.loads((out / "report.json").read_text())["export"]["onnx"]["error"]
+    assert "The ONNX export failed" in (out / "report.md").read_text()
+
+
+def test_parity_failure_keeps_no_onnx_folder(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
+    real = parity.check_logits
+
+    def off_by_half(model, decoder, *args, **kwargs):
+        result = real(model, decoder, *args, **kwargs)
+        for case in result["cases"]:
+            case["max_abs_diff_decode"] += 0.5
+        return {**result, "max_abs_diff": result["max_abs_diff"] + 0.5}
+
+    monkeypatch.setattr(parity, "check_logits", off_by_half)
+    out = tmp_path / "out"
+    result = _compress(gpt2_dir, data_dir, quick_recipe_file, out, "--steps", "2")
+    assert result.exit_code == 1
+    assert "disagrees with PyTorch beyond atol 0.001 (1x5+3: 0.5" in result.stderr
+    assert not any(p.name.startswith("onnx") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("value", ["int3", "int8,int8", "fp16"])
+def test_bad_quantize_values_exit_2(gpt2_dir, data_dir, quick_recipe_file, tmp_path, value):
+    result = _compress(gpt2_dir, data_dir, quick_recipe_file, tmp_path / "out", "--quantize", value)
+    assert result.exit_code == 2 and "--quantize" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_int8_recipe_key_says_what_replaced_it(tmp_path):
+    from compressor.errors import UsageError
+    from compressor.recipe import load_recipe
+
+    path = tmp_path / "old.yaml"
+    path.write_text("export: {int8: true}\n")
+    with pytest.raises(UsageError, match=r"export.quantize"):
+        load_recipe(path)

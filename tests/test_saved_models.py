@@ -92,20 +92,33 @@ def test_eval_gives_the_compress_protocol_numbers(two_four_run, data_dir):
     assert text.exit_code == 0 and text.stdout.startswith("perplexity ")
 
 
-def test_export_then_eval_onnx_and_int8(two_four_run, data_dir):
+def test_export_then_eval_and_generate_every_onnx_folder(two_four_run, data_dir):
     out, report = two_four_run
     assert not (out / "onnx").exists()
-    result = run("export", out / "model", "--no-sparse", "--json")
+    pruned = report["perplexity"]["pruned"]
+    protocol = ["--seq-len", pruned["seq_len"], "--eval-tokens", pruned["max_tokens"]]
+    result = run("export", out / "model", "--no-sparse", "--dataset", data_dir, *protocol, "--json")
     assert result.exit_code == 0, result.output
     exported = json.loads(result.stdout)
-    assert exported["onnx"]["max_abs_diff"] <= 1e-3 and (out / "onnx" / "model.int8.onnx").is_file()
-    assert json.loads((out / "export.json").read_text())["onnx"]["path"] == "onnx/model.onnx"
-    pruned = report["perplexity"]["pruned"]
-    args = ["--dataset", data_dir, "--seq-len", pruned["seq_len"], "--eval-tokens", pruned["max_tokens"], "--json"]
+    assert exported == json.loads((out / "export.json").read_text())
+    assert exported["onnx"]["path"] == "onnx/model.onnx" and exported["onnx"]["logits"]["max_abs_diff"] <= 1e-3
+    assert all(g["identical"] for g in exported["onnx"]["greedy"])
+    assert exported["perplexity"]["ppl"] == pytest.approx(pruned["ppl"], rel=1e-6)  # the model's own, same protocol
+    for kind in ("int8", "int4"):
+        assert (out / f"onnx-{kind}" / "genai_config.json").is_file()
+        assert exported[kind]["top1_agreement"] > 0.3 and exported[kind]["bytes"] < exported["onnx"]["bytes"]
+    assert exported["int4"]["calibration_windows"] > 0  # GPTQ ran on the dataset's training text
+    args = ["--dataset", data_dir, *protocol, "--json"]
     fp32 = json.loads(run("eval", out / "onnx", *args).stdout)["perplexity"]
-    int8 = json.loads(run("eval", out / "onnx" / "model.int8.onnx", *args).stdout)["perplexity"]
     assert fp32["ppl"] == pytest.approx(pruned["ppl"], rel=1e-4)
-    assert int8["ppl"] == pytest.approx(pruned["ppl"], rel=0.05) and int8["tokens"] == pruned["tokens"]
+    for kind in ("int8", "int4"):  # `tapc eval` reproduces what the export measured
+        measured = json.loads(run("eval", out / f"onnx-{kind}", *args).stdout)["perplexity"]
+        assert measured == exported[kind]["perplexity"]
+    texts = [run("generate", folder, "--prompt", "The history of", "--max-new-tokens", 12, "--ignore-eos")
+             for folder in (out / "model", out / "onnx", out / "sparse")]
+    assert all(t.exit_code == 0 for t in texts), [t.output for t in texts]
+    assert texts[0].stdout == texts[1].stdout == texts[2].stdout and len(texts[0].stdout) > 1
+    assert "tokens/s" in texts[1].stderr
     again = run("export", out / "model", "--no-sparse")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 

@@ -26,8 +26,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .folder import copy_side_files
+
 FORMAT = "tapc-sparse-bitmask"
 FILENAME = "model.sparse.safetensors"
+# The 1-bit mask costs 1/32 of a float32 weight; 1% covers shapes and row padding.
+SIZE_SLACK = 1 / 32 + 0.01
 
 
 def compress_tensor(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,3 +122,33 @@ def load_sparse_model(folder: Path):
     if unexpected or untied:
         raise ValueError(f"{folder} does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}")
     return model.float().eval()
+
+
+def write_sparse(model_dir: Path, folder: Path, pruned: list[str]) -> dict:
+    """`folder/model.sparse.safetensors` from the safetensors files in `model_dir`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    tensors, metadata = {}, {}
+    for path in files:
+        tensors.update(load_file(str(path)))
+        with safe_open(str(path), framework="pt") as fh:
+            metadata.update(fh.metadata() or {})
+    pruned = [n for n in pruned if n in tensors]
+    copy_side_files(Path(model_dir), folder)
+    sizes = save_sparse(tensors, pruned, folder / FILENAME, metadata)
+    dense_file = sum(p.stat().st_size for p in files)
+    sparse_file = (folder / FILENAME).stat().st_size
+    zeros = sum(int((tensors[n] == 0).sum()) for n in pruned)
+    params = sum(tensors[n].numel() for n in pruned)
+    sparsity = zeros / params if params else 0.0
+    return {
+        "file": FILENAME,
+        "bytes": sparse_file,
+        "dense_bytes": dense_file,
+        "file_ratio": sparse_file / dense_file,
+        **sizes,
+        "pruned_sparsity": sparsity,
+        "pruned_ratio_bound": (1 - sparsity) + SIZE_SLACK,
+    }

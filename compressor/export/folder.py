@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def save_model(model, tokenizer, folder: Path, metadata: dict[str, str]) -> None:
@@ -77,3 +77,14 @@ def staged_output(out: Path, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+WEIGHT_FILES = (".safetensors", ".index.json", ".onnx", ".onnx.data", ".onnx_data")
+
+
+def copy_side_files(source: Path, folder: Path) -> None:
+    """Config, tokenizer (and genai_config.json) travel with every artifact, so each folder loads on its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in Path(source).iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_FILES):
+            shutil.copy2(path, folder / path.name)

@@ -1,0 +1,219 @@
+"""GPTQ (Frantar et al. 2023): round weights to a low-bit grid, compensating each rounding error.
+
+Round-to-nearest treats every weight alone. GPTQ rounds the input columns of a layer one
+at a time and moves the rounding error onto the columns not yet rounded, in proportion
+to how the layer's inputs correlate (the Hessian `H = X^T X` of the layer's squared
+output error, from calibration text). The result is on the same grid as round-to-
+nearest, so it runs with the same kernels and costs nothing at inference.
+
+The grid is onnxruntime's asymmetric 4-bit MatMulNBits grid: per block of `block_size`
+consecutive inputs of one output, a scale `s` and an integer zero point `z`, codes `q`
+in 0..15, the weight `(q - z) s`. Zero is on every block's grid, so weights that are
+exactly zero (pruned) stay zero: they are "rounded" to 0 at their turn and their whole
+value is compensated elsewhere, as SparseGPT does for a fixed mask.
+
+Layers are quantized in model order, each with the inputs it gets once the layers
+before it are quantized (the calibration windows propagated through them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .patterns import input_dim
+
+QMAX = 15  # 4-bit codes 0..15
+
+SHRINK = torch.linspace(0.6, 1.0, 17).tolist()  # ranges tried, as fractions of the block's own
+
+
+def block_grid(weight: torch.Tensor, block_size: int, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point [out, in / block] per block of `weight` [out, in].
+
+    The block's range [min(w, 0), max(w, 0)] is cut into 15 steps (onnxruntime's
+    asymmetric MatMulNBits grid); 0 is on the grid, so pruned weights stay exactly 0.
+    With `search`, each block takes the fraction of its range (`SHRINK`) that rounds it
+    with the least squared error: clipping a few large weights buys a finer grid for
+    all the others.
+    """
+    out, inp = weight.shape
+    blocks = weight.reshape(out, inp // block_size, block_size)
+    low, high = blocks.min(-1).values.clamp(max=0), blocks.max(-1).values.clamp(min=0)
+    best = best_error = None
+    for fraction in SHRINK if search else [1.0]:
+        scale = (high - low) * fraction / QMAX
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = (-low * fraction / scale).round().clamp(0, QMAX)
+        error = (dequantize(codes(blocks, scale[..., None], zero[..., None]), scale[..., None], zero[..., None])
+                 - blocks).pow(2).sum(-1)
+        if best is None:
+            best, best_error = (scale, zero), error
+        else:
+            better = error < best_error
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+            best_error = torch.minimum(error, best_error)
+    return best
+
+
+def codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (weight / scale).round().add(zero).clamp(0, QMAX)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 32, damp: float = 0.01,
+         columns_per_pass: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [out, in] (0..15), scales and zero points [out, in / block_size] for `weight` [out, in].
+
+    A zero weight keeps the code of 0. `damp` adds that fraction of the mean diagonal to H.
+    """
+    w = weight.detach().double().clone()
+    out, inp = w.shape
+    if inp % block_size or columns_per_pass % block_size:
+        raise ValueError(f"the input width {inp} must divide into blocks of {block_size}")
+    keep = w != 0
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(inp, dtype=h.dtype)
+    # The upper Cholesky factor of H^-1: row i holds the update of columns > i when column i is rounded.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q_all = torch.zeros_like(w)
+    scales = torch.zeros(out, inp // block_size, dtype=w.dtype)
+    zeros = torch.zeros_like(scales)
+    for start in range(0, inp, columns_per_pass):
+        end = min(start + columns_per_pass, inp)
+        part, errors = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=w.dtype)
+        inv = hinv[start:end, start:end]
+        for i in range(end - start):
+            col, block = start + i, (start + i) // block_size
+            if col % block_size == 0:  # the block's grid, from its weights as updated so far
+                scale, zero = block_grid(part[:, i : i + block_size] * keep[:, col : col + block_size], block_size)
+                scales[:, block], zeros[:, block] = scale[:, 0], zero[:, 0]
+            q = torch.where(keep[:, col], codes(part[:, i], scales[:, block], zeros[:, block]), zeros[:, block])
+            q_all[:, col] = q
+            error = (part[:, i] - dequantize(q, scales[:, block], zeros[:, block])) / inv[i, i]
+            part[:, i:] -= error[:, None] * inv[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return q_all.to(torch.uint8), scales.float(), zeros.to(torch.uint8)
+
+
+@dataclass
+class Quantized:
+    """A layer's weight [out, in] as it was; its GPTQ codes [out, in], scales and zero points [out, in / block]."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        block = self.weight.shape[1] // self.scales.shape[1]
+        return dequantize(self.codes.float(), self.scales.repeat_interleave(block, 1),
+                          self.zeros.float().repeat_interleave(block, 1))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks, in order: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers")
+    return max(lists, key=len)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first decoder layer receives for each batch of `windows`."""
+    first = decoder_layers(model)[0]
+    captured = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _as_rows(module: nn.Module) -> torch.Tensor:
+    weight = module.weight.detach().float().cpu()
+    return weight.T if input_dim(module) == 0 else weight  # GPT-2's Conv1D stores (in, out)
+
+
+@torch.no_grad()
+def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, *, block_size: int = 32,
+                     batch_size: int = 4, progress=None) -> dict[str, Quantized]:
+    """GPTQ of every module's weight [out, in], one decoder layer at a time.
+
+    Each layer's Hessians come from the inputs it receives when every layer before it
+    is already quantized, as in the paper; the model's weights are left as they were.
+    """
+    was_training = model.training
+    model.eval()
+    layers = decoder_layers(model)
+    batches = layer_inputs(model, windows, batch_size)
+    originals, result = {}, {}
+    try:
+        for index, layer in enumerate(layers):
+            inside = {n: m for n, m in modules.items() if any(m is sub for sub in layer.modules())}
+            sums, counts = {}, dict.fromkeys(inside, 0)
+
+            def hook(name):
+                def record(module, inputs):
+                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
+                    sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+                    counts[name] += x.shape[0]
+                return record
+
+            handles = [m.register_forward_pre_hook(hook(n)) for n, m in inside.items()]
+            try:
+                for args, kwargs in batches:
+                    layer(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, module in inside.items():
+                weight = _as_rows(module)
+                if name not in sums or weight.shape[1] % block_size:
+                    continue
+                result[name] = Quantized(weight, *gptq(weight, sums[name] / counts[name], block_size))
+                originals[name] = module.weight.detach().clone()
+                rows = result[name].dequantized()
+                module.weight.copy_((rows.T if input_dim(module) == 0 else rows).to(module.weight))
+            outputs = []
+            for args, kwargs in batches:
+                out = layer(*args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+                if args:
+                    outputs.append(((hidden, *args[1:]), kwargs))
+                else:
+                    outputs.append(((), {**kwargs, "hidden_states": hidden}))
+            batches = outputs
+            if progress:
+                progress({"done": index + 1, "total": len(layers)})
+    finally:
+        for name, weight in originals.items():
+            modules[name].weight.copy_(weight)
+        model.train(was_training)
+    return result
