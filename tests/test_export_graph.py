@@ -93,7 +93,7 @@ def test_builder_failure_falls_back_to_transformers(tmp_path, tokenizer, monkeyp
     def broken(*args, **kwargs):
         raise KeyError("rope_type")
 
-    monkeypatch.setattr(graph, "_build_with_genai", broken)
+    monkeypatch.setattr(graph, "build_with_genai", broken)
     model_dir = save_tiny(tmp_path / "model", "llama", tokenizer)
     from transformers import AutoModelForCausalLM
 

@@ -34,9 +34,18 @@ def test_real_gguf_compress_short_run(tmp_path):
     tensors = load_file(out / "model" / "model.safetensors")
     name = report["sparsity"]["layers"][0]["name"]
     assert int((tensors[name] == 0).sum()) == report["sparsity"]["layers"][0]["zeros"]
-    # Edge artifacts of the real model (the ONNX export alone takes about 2 minutes here).
+    # Edge artifacts of the real model: KV-cache ONNX from onnxruntime-genai's builder, int8, GPTQ int4.
+    # Bounds hold on AVX2 and AVX-512 CPUs with margin (quick-cpu at full length measured int8 +0.6%,
+    # top-1 96%; int4 +6.9%, top-1 86%, 0.199 of the fp32 bytes).
     exported = report["export"]
-    assert exported["onnx"]["max_abs_diff"] <= exported["onnx"]["atol"]
+    onnx = exported["onnx"]
+    assert onnx["exporter"].startswith("onnxruntime-genai") and onnx["logits"]["max_abs_diff"] <= onnx["atol"]
     assert exported["sparse"]["pruned_ratio"] <= 0.7 + 1 / 32 + 0.01  # issue 3: 0.74 at 30%
-    assert exported["int8"]["bytes"] < 0.5 * exported["onnx"]["bytes"]
-    assert exported["int8"]["perplexity"]["ppl"] < 2 * report["perplexity"]["pruned"]["ppl"]
+    int8, int4 = exported["int8"], exported["int4"]
+    assert int8["bytes_ratio"] < 0.3 and int8["ppl_increase"] < 0.03 and int8["top1_agreement"] > 0.85
+    assert int4["bytes_ratio"] < 0.21 and int4["ppl_increase"] < 0.35 and int4["top1_agreement"] > 0.6
+    assert int4["embeddings"] == "shared with the LM head" and int4["int8_matrices"] == 15  # last 3 of 30 layers
+    # The fp32 export generates exactly PyTorch's greedy text.
+    texts = [CliRunner().invoke(cli, ["generate", str(out / folder), "--prompt", "The history of the city",
+                                      "--max-new-tokens", "16"]) for folder in ("model", "onnx")]
+    assert texts[0].exit_code == 0 and texts[0].stdout == texts[1].stdout and len(texts[0].stdout.split()) > 3

@@ -50,7 +50,7 @@ BUILDER_ARCHITECTURES = {
 def quiet():
     """The exporters print, log and warn freely; the library prints nothing (STYLE.md)."""
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)  # their ERROR lines too: a failure reaches the caller as an exception
     sink = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -91,7 +91,7 @@ def export_decoder(model: nn.Module, model_dir: Path, folder: Path, *, exporter:
     use_builder = exporter == "builder" or (exporter == "auto" and architecture(model) in BUILDER_ARCHITECTURES)
     if use_builder:
         try:
-            info["exporter"] = _build_with_genai(Path(model_dir), folder)
+            info["exporter"] = build_with_genai(Path(model_dir), folder)
         except Exception as exc:  # an unsupported config surfaces as many exception types
             if exporter == "builder":
                 raise JobError(f"onnxruntime-genai's builder failed ({_one_line(exc)}); try exporter "
@@ -118,16 +118,20 @@ def _clear(folder: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _build_with_genai(model_dir: Path, folder: Path) -> str:
-    """fp32 CPU graph from onnxruntime-genai's model builder, used as a library."""
+def build_with_genai(model_dir: Path, folder: Path, precision: str = "fp32") -> str:
+    """A CPU graph from onnxruntime-genai's model builder, used as a library, with its defaults otherwise.
+
+    tapc builds fp32 and quantizes it itself (quantize.py); the edge benchmark builds the
+    builder's own int4 as the reference to compare with.
+    """
     import onnxruntime_genai
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     with tempfile.TemporaryDirectory(prefix="tapc-builder-") as cache, quiet():
-        options = parse_extra_options(None, str(model_dir), str(folder), "fp32", "cpu", cache,
+        options = parse_extra_options(None, str(model_dir), str(folder), precision, "cpu", cache,
                                       ["windowed_kv_cache=false", "hf_token=false"])
         _adapt_config(options["hf_details"]["hf_config"])
-        create_model(None, str(model_dir), str(folder), "fp32", "cpu", cache, **options)
+        create_model(None, str(model_dir), str(folder), precision, "cpu", cache, **options)
     return f"onnxruntime-genai {onnxruntime_genai.__version__} model builder"
 
 
