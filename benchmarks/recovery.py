@@ -1,8 +1,15 @@
-"""Issue 4: does terminal-attractor (TA) recovery beat plain AdamW at the same budget?
+"""Issues 4 and 11: does TA recovery beat plain AdamW, and tapc beat the peers, at the same budget?
 
     python -m benchmarks.recovery                 # SmolLM2-135M on wikitext2-local
     python -m benchmarks.recovery --quick         # tiny model from a config, seconds
     python -m benchmarks.recovery --full          # the whole matrix of issue 4
+    python -m benchmarks.recovery --peers --seed 1   # issue 11's rows only, another seed
+
+The peers (issue 11) are SparseGPT and per-row Wanda as tapc implements them
+(`compressor/oneshot.py`), one-shot on 32 calibration windows of 512 training tokens
+drawn by the seed, then fine-tuned for the same budget with the mask fixed; against
+them, tapc's dynamic job from dense and from the SparseGPT mask. A seed changes the
+batches and the calibration windows; a run with seed N > 0 is stored as `<id>-seedN`.
 
 Every trained method runs tapc's own code (`Pruner`, `TAAdamW` through
 `build_optimizer`, `train`, `perplexity`) from the `quick-cpu` recipe with a few
@@ -34,7 +41,8 @@ import torch
 
 from compressor.data import load_texts, tokenize, windows
 from compressor.evaluate import mean_loss, perplexity
-from compressor.pruner import Pruner
+from compressor.calibration import sample_windows
+from compressor.pruner import Pruner, build_pruner
 from compressor.recipe import PruneConfig, Recipe, load_recipe
 from compressor.saliency import NEEDS_ACTIVATIONS
 from compressor.train import build_optimizer, train
@@ -60,10 +68,12 @@ class Settings:
     shock_window: int = 30  # steps the probe follows the recovery from a one-shot mask
     calib_windows: int = 32  # training windows whose activations wanda weighs by
     calib_len: int = 256  # tokens per calibration window, whatever the training seq_len
+    oneshot_len: int = 512  # tokens per calibration window of SparseGPT and per-row Wanda (issue 11)
     lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])
     ta_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_all: bool = False  # True: every trained method gets the LR sweep (the full matrix)
+    peers: bool = False  # True: only issue 11's rows (the peers and tapc against them)
     seed: int = 0
     cost_steps: int = 8
     cost_repeats: int = 2
@@ -71,15 +81,17 @@ class Settings:
     def fingerprint(self, kind: str) -> dict:
         """The settings a result of this kind depends on: a rerun keeps results that match."""
         keep = ["eval_len", "eval_windows", "calib_windows", "calib_len", "seed"]
-        if kind not in ("dense", "oneshot"):
+        if kind not in ("dense", "oneshot", "calibrated"):
             keep += ["steps", "seq_len", "batch_size", "prune_every", "val_windows", "probe_windows"]
+        if kind.startswith("calibrated"):
+            keep += ["oneshot_len"]
         if kind == "shock":
             keep += ["shock_window"]
         return {k: getattr(self, k) for k in keep}
 
 
 QUICK = dict(steps=8, seq_len=32, batch_size=2, prune_every=2, eval_len=64, eval_windows=4, val_windows=2,
-             probe_windows=2, shock_window=3, calib_windows=4, calib_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
+             probe_windows=2, shock_window=3, calib_windows=4, calib_len=32, oneshot_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
              cost_steps=3, cost_repeats=1)
 FULL = dict(sweep_all=True)
 
@@ -88,7 +100,8 @@ FULL = dict(sweep_all=True)
 class Method:
     id: str
     label: str
-    kind: str  # dense | oneshot | finetune | prune | shock (prune at once, then recover)
+    kind: str  # dense | oneshot | finetune | prune | shock (prune at once, then recover) | calibrated (SparseGPT,
+    #          per-row Wanda) | calibrated-train (trained from a calibrated mask)
     sparsity: float = 0.0
     overrides: dict = field(default_factory=dict)  # recipe overrides (dotted keys)
     saliency: str = ""  # oneshot only
@@ -103,6 +116,7 @@ class Bench:
     train_windows: torch.Tensor
     val_windows: torch.Tensor
     probe_windows: torch.Tensor  # held out from the validation windows that pick the LR
+    calibration: torch.Tensor  # SparseGPT's and per-row Wanda's windows, drawn by the seed
     settings: Settings
     model_label: str
     dense_val_loss: float = 0.0
@@ -157,6 +171,42 @@ def finetune(lr: float) -> Method:
                   {"optim.lr": lr, "ta.enabled": False})
 
 
+PEERS = {"sparsegpt": "SparseGPT", "wanda": "Wanda (per row)"}
+
+
+def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | None = None) -> Method:
+    """A one-shot peer (lr None), or the peer then AdamW / TA for the budget with its mask fixed."""
+    over = {"prune.sparsity": sparsity, "prune.method": method}
+    if lr is None:
+        return Method(f"{_sid(sparsity)}-{method}", f"{PEERS[method]} one-shot", "calibrated", sparsity, over)
+    over.update({"optim.lr": lr, "ta.enabled": ta_lr is not None, "ta.lr": ta_lr})
+    opt = "AdamW" if ta_lr is None else f"TA (eta_TA={ta_lr:g})"
+    tag = "adamw" if ta_lr is None else f"ta{ta_lr:g}"
+    return Method(f"{_sid(sparsity)}-{method}-{tag}-{_lr_id(lr)}", f"{PEERS[method]}, then {opt}, mask fixed",
+                  "calibrated-train", sparsity, over)
+
+
+def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Method:
+    """tapc's dynamic job (Taylor scores, regrowth) whose first mask is a one-shot peer's."""
+    base = taylor(sparsity, lr, ta_lr)
+    return Method(base.id.replace("-taylor-", f"-{method}-start-taylor-"),
+                  f"{base.label} from the {PEERS[method]} mask", "calibrated-train", sparsity,
+                  {**base.overrides, "prune.start": method})
+
+
+def peers(settings: Settings, sparsity: float, lr: float):
+    """Issue 11's rows at one sparsity, in the order they answer its question."""
+    ta = load_recipe("quick-cpu").ta.lr  # the default recipe's eta_TA
+    yield peer(sparsity, "sparsegpt")
+    yield peer(sparsity, "wanda")
+    yield taylor(sparsity, lr, ta)  # the default job
+    yield peer(sparsity, "sparsegpt", lr)
+    yield started(sparsity, "sparsegpt", lr, ta)
+    yield peer(sparsity, "wanda", lr)
+    yield taylor(sparsity, lr)
+    yield peer(sparsity, "sparsegpt", lr, ta)  # TA against AdamW where a one-shot jump is to repair
+
+
 def plan(settings: Settings, runs: dict[str, dict]):
     """Yield the methods in priority order; later ones may depend on finished results.
 
@@ -178,9 +228,14 @@ def plan(settings: Settings, runs: dict[str, dict]):
 
     def oneshots(s):
         yield Method(f"{_sid(s)}-oneshot-magnitude", "one-shot global magnitude", "oneshot", s, saliency="magnitude")
-        yield Method(f"{_sid(s)}-oneshot-wanda", "one-shot global Wanda", "oneshot", s, saliency="wanda")
+        yield Method(f"{_sid(s)}-oneshot-wanda", "one-shot global Wanda (not the paper's per-row Wanda)", "oneshot", s,
+                     saliency="global-wanda")
 
     yield Method("dense", "dense, no training (reference)", "dense")
+    if settings.peers:
+        for s in settings.sparsities:
+            yield from peers(settings, s, settings.lrs[len(settings.lrs) // 2])
+        return
     yield from oneshots(first)
     yield taylor(first, centre)
     yield taylor(first, centre, ta0)
@@ -313,14 +368,18 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
     started = time.perf_counter()
     if method.kind == "oneshot":
         config = PruneConfig(sparsity=method.sparsity, saliency=method.saliency)
-        pruner = Pruner(config, total_steps=1).prepare(net)
+        pruner = Pruner(config, total_steps=1).prepare(net)  # the global baselines of issue 4
         if method.saliency in NEEDS_ACTIVATIONS:
             pruner.calibrate(net, windows(bench.tokens["train"], s.calib_len)[: s.calib_windows])
         pruner.step(1)  # step 1 of 1 is the final step: the exact target, at once
         pruner.finalize()
-    elif method.kind in ("prune", "shock", "finetune"):
+    elif method.kind == "calibrated":
+        pruner = build_pruner(net, recipe_for(bench, method).prune, s.steps, bench.calibration)
+        result["oneshot_seconds"] = pruner.history[0]["seconds"]
+        pruner.finalize()
+    elif method.kind in ("prune", "shock", "finetune", "calibrated-train"):
         recipe = recipe_for(bench, method)
-        pruner = Pruner(recipe.prune, s.steps).prepare(net) if method.kind != "finetune" else None
+        pruner = build_pruner(net, recipe.prune, s.steps, bench.calibration) if method.kind != "finetune" else None
         optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
         window = s.shock_window if method.kind == "shock" else s.prune_every
         watch = ProbeRecovery(net, pruner, bench.probe_windows, window) if pruner else None
@@ -336,6 +395,8 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
         log = train(net, pruner, optimizer, bench.train_windows, bench.val_windows, recipe, s.steps,
                     torch.device("cpu"), progress=report)
         if pruner:
+            if pruner.history and pruner.history[0].get("method"):
+                result["oneshot_seconds"] = pruner.history[0]["seconds"]
             pruner.finalize()
         result.update({"lr": recipe.optim.lr, "log": log.to_dict(), "train_seconds": log.seconds,
                        "ta": {**recipe.ta.model_dump(), "lr": (recipe.ta.lr or recipe.optim.lr)}
@@ -390,7 +451,8 @@ def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool
     probe = val[settings.val_windows : settings.val_windows + settings.probe_windows]
     if len(probe) < settings.probe_windows:  # little validation text: share windows rather than none
         probe = val[-settings.probe_windows :]
-    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len), val, probe, settings, label)
+    calibration = sample_windows(windows(tokens["train"], settings.oneshot_len), settings.calib_windows, settings.seed)
+    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len), val, probe, calibration, settings, label)
     bench.dense_val_loss = validation_loss(bench, net)
     return bench
 
@@ -411,6 +473,8 @@ def parse_args(argv=None):
     p.add_argument("--cost-steps", type=int, help="training steps per cost measurement run")
     p.add_argument("--cost-repeats", type=int, help="alternating runs per configuration")
     p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
+    p.add_argument("--peers", action="store_true", help="only issue 11's rows: the peers and tapc against them")
+    p.add_argument("--seed", type=int, help="batches and calibration windows (runs stored as <id>-seedN)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -433,11 +497,16 @@ def _take(lock: Path) -> bool:
             return False
 
 
+def _unseeded(fingerprint: dict | None) -> dict | None:
+    return {k: v for k, v in fingerprint.items() if k != "seed"} if fingerprint else fingerprint
+
+
 def _load_runs(runs_dir: Path, settings: Settings) -> dict[str, dict]:
     runs = {}
     for path in sorted(runs_dir.glob("*.json")):
         run = json.loads(path.read_text())
-        if run.get("settings") == settings.fingerprint(run["kind"]):
+        # Every seed's runs are kept (their ids differ), so the report can give means over seeds.
+        if _unseeded(run.get("settings")) == _unseeded(settings.fingerprint(run["kind"])):
             runs[run["id"]] = run
     return runs
 
@@ -446,7 +515,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
-    for key in ("steps", "sparsities", "lrs", "batch_size", "cost_steps", "cost_repeats"):
+    for key in ("steps", "sparsities", "lrs", "batch_size", "cost_steps", "cost_repeats", "peers", "seed"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     runs_dir = args.out / "runs"
@@ -456,6 +525,8 @@ def main(argv=None) -> dict:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         bench, failed = None, False
         for method in plan(settings, runs):
+            if settings.seed:
+                method.id = f"{method.id}-seed{settings.seed}"
             if method.id in runs or (method.kind == "cost" and args.no_cost) or (args.only and method.id not in args.only):
                 continue
             # Several processes may share the work (each with fewer threads): a lock file

@@ -17,6 +17,7 @@ optimizer step, so the loss of step u+1 is the first one the new mask sees):
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -238,10 +239,50 @@ def _table(summary: dict, sparsity: float | None) -> list[str]:
     return lines
 
 
+def _base_id(run_id: str) -> str:
+    return re.sub(r"-seed\d+$", "", run_id)
+
+
+PEER_KINDS = ("calibrated", "calibrated-train")
+
+
+def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str], dict]:
+    """Issue 11: every method run with the peers' settings, mean and standard deviation over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs.values():
+        if "perplexity" in run:
+            groups.setdefault(_base_id(run["id"]), []).append(run)
+    peer_sparsities = {r["sparsity"] for r in runs.values() if r["kind"] in PEER_KINDS}
+    rows = {}
+    for base, group in groups.items():
+        first = group[0]
+        if first["sparsity"] not in peer_sparsities or first["kind"] not in ("prune", *PEER_KINDS):
+            continue
+        if first["kind"] == "prune" and not re.fullmatch(r"s\d+-taylor-(adamw|ta[\d.e-]+)-lr[\d.e-]+", base):
+            continue  # issue 4's variants (other TA settings) stay in their own tables
+        ppl = [r["perplexity"]["ppl"] for r in group]
+        val = [r["val_loss"] for r in group if r.get("val_loss") is not None]
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else None  # noqa: E731
+        rows[base] = {"id": base, "label": first["label"], "sparsity": first["sparsity"], "seeds": len(group),
+                      "ppl": statistics.fmean(ppl), "ppl_sd": sd(ppl),
+                      "val_loss": statistics.fmean(val) if val else None, "val_loss_sd": sd(val) if val else None,
+                      "oneshot_seconds": first.get("oneshot_seconds")}
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| sparsity | method | id | seeds | PPL mean | PPL sd | val loss mean | val loss sd |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows.values(), key=lambda r: (r["sparsity"], r["val_loss"] is not None, r["val_loss"] or r["ppl"])):
+        lines.append(f"| {r['sparsity']:.0%} | {r['label']} | `{r['id']}` | {r['seeds']} | {r['ppl']:.2f} | "
+                     f"{f(r['ppl_sd'], '.2f')} | {f(r['val_loss'], '.4f')} | {f(r['val_loss_sd'], '.4f')} |")
+    return lines, rows
+
+
 def write(out: Path, settings, runs: dict[str, dict]) -> dict:
     from dataclasses import asdict
 
+    peer_lines, peer_rows = peer_table(runs, settings.sparsities)
+    runs = {k: r for k, r in runs.items() if _base_id(k) == k}  # issue 4's tables: seed 0 only
     summary = summarize(runs, settings.sparsities)
+    summary["peers"] = peer_rows
     model = next((r["model"] for r in runs.values() if "model" in r), None)
     dense = runs.get("dense", {}).get("perplexity", {})
     md = ["# Recovery benchmark (issue 4)", "",
@@ -259,6 +300,12 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
           "s/step: wall time of the run under whatever else the machine ran; not a cost measure "
           "(see the cost table).", "",
           "## Dense", "", *_table(summary, None), ""]
+    if peer_rows:
+        md += ["## Against the peers (issue 11)", "",
+               f"SparseGPT and per-row Wanda one-shot on {settings.calib_windows} windows of {settings.oneshot_len} "
+               "training tokens drawn by the seed, then the same training budget with the mask fixed; tapc's "
+               "dynamic job from dense and from the SparseGPT mask. A seed changes the batches and the calibration "
+               "windows. Sorted by validation loss (one-shot rows, untrained, first).", "", *peer_lines, ""]
     for s in settings.sparsities:
         png = f"loss-s{round(s * 100)}.png"
         has_plot = _plot(out / png, runs, s)

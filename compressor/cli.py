@@ -62,7 +62,7 @@ class ProgressView:
     """Renders the library's progress events with rich on stderr."""
 
     LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
-              "train": "pruning + recovery", "eval-pruned": "pruned perplexity", "save": "saving",
+              "train": "pruning + recovery", "oneshot": "one-shot pruning, layer by layer", "eval-pruned": "pruned perplexity", "save": "saving",
               "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX with KV cache, checking it",
               "export-int8": "int8 ONNX", "export-int4": "int4 ONNX", "calibrate-int4": "GPTQ calibration (int4)",
               "eval-int8": "int8 ONNX perplexity", "eval-int4": "int4 ONNX perplexity",
@@ -100,6 +100,8 @@ class ProgressView:
                 # Without a terminal (CI logs) the bar is invisible: print a line every 10%.
                 if not self.console.is_terminal and done % max(1, event["total"] // 10) == 0:
                     self.console.log(f"step {done}/{event['total']}  {info}  eta {event['eta']:.0f} s")
+            elif stage == "oneshot" and not self.console.is_terminal:
+                self.console.log(f"layer {done}/{event['total']} pruned")
             self.progress.update(self.task, total=event["total"], completed=done, info=info)
         if event.get("resumed") is not None:
             self.console.log(f"resumed from the checkpoint at step {event['resumed']}")
@@ -135,7 +137,13 @@ def cli():
               help="Recipe file or built-in recipe name (default: the thesis setting).")
 @click.option("--dataset", help="'wikitext2' or a directory with train.txt, validation.txt, test.txt.")
 @click.option("--out", type=click.Path(), help="Output directory (default: MODEL-tapc-sNN).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (overrides the recipe's epochs).")
+@click.option("--method", type=click.Choice(["dynamic", "sparsegpt", "wanda"]),
+              help="dynamic: prune while training (default); sparsegpt or wanda: one-shot from calibration text, "
+                   "mask fixed after (with --steps 0: no training).")
+@click.option("--start-from", "start", type=click.Choice(["dense", "sparsegpt", "wanda"]),
+              help="First mask of the dynamic method: dense (default) or a one-shot mask at the target.")
+@click.option("--steps", type=click.IntRange(min=0), help="Optimizer steps (overrides the recipe's epochs); "
+                                                          "0 with a one-shot method: no training.")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training window (and evaluation window unless the recipe sets eval.seq_len).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
 @click.option("--pattern", help="Sparsity pattern: unstructured (default) or N:M such as 2:4.")
@@ -155,7 +163,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_tokens, pattern, onnx, quantize, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, method, start, steps, seq_len, eval_tokens, pattern, onnx, quantize, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -172,7 +180,7 @@ def compress(model, sparsity, recipe_path, dataset, out, steps, seq_len, eval_to
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
         "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
-        "export.quantize": quantize,
+        "export.quantize": quantize, "prune.method": method, "prune.start": start,
     }
     console = Console(stderr=True)
     gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)

@@ -79,6 +79,14 @@ def broadcast(obj):
     return box[0]
 
 
+def broadcast_tensors(tensors) -> None:
+    """Overwrite each tensor (in place) with rank 0's."""
+    if not dist.is_initialized():
+        return
+    for t in tensors:
+        dist.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, src=0)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .calibration import layer_by_layer
 from .patterns import input_dim
 
 QMAX = 15  # 4-bit codes 0..15
@@ -134,41 +135,6 @@ class Quantized:
                           self.zeros.float().repeat_interleave(block, 1))
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks, in order: the longest ModuleList in the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers")
-    return max(lists, key=len)
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) the first decoder layer receives for each batch of `windows`."""
-    first = decoder_layers(model)[0]
-    captured = []
-
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(windows), batch_size):
-            try:
-                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
 def _as_rows(module: nn.Module) -> torch.Tensor:
     weight = module.weight.detach().float().cpu()
     return weight.T if input_dim(module) == 0 else weight  # GPT-2's Conv1D stores (in, out)
@@ -182,52 +148,20 @@ def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: t
     Each layer's Hessians come from the inputs it receives when every layer before it
     is already quantized, as in the paper; the model's weights are left as they were.
     """
-    was_training = model.training
-    model.eval()
-    layers = decoder_layers(model)
-    batches = layer_inputs(model, windows, batch_size)
     originals, result = {}, {}
     try:
-        for index, layer in enumerate(layers):
-            inside = {n: m for n, m in modules.items() if any(m is sub for sub in layer.modules())}
-            sums, counts = {}, dict.fromkeys(inside, 0)
-
-            def hook(name):
-                def record(module, inputs):
-                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
-                    sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-                    counts[name] += x.shape[0]
-                return record
-
-            handles = [m.register_forward_pre_hook(hook(n)) for n, m in inside.items()]
-            try:
-                for args, kwargs in batches:
-                    layer(*args, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        for index, total, inside, hessians in layer_by_layer(model, modules, windows, batch_size):
             for name, module in inside.items():
                 weight = _as_rows(module)
-                if name not in sums or weight.shape[1] % block_size:
+                if name not in hessians or weight.shape[1] % block_size:
                     continue
-                result[name] = Quantized(weight, *gptq(weight, sums[name] / counts[name], block_size,
-                                                             act_order=act_order))
+                result[name] = Quantized(weight, *gptq(weight, hessians[name].cpu(), block_size, act_order=act_order))
                 originals[name] = module.weight.detach().clone()
                 rows = result[name].dequantized()
                 module.weight.copy_((rows.T if input_dim(module) == 0 else rows).to(module.weight))
-            outputs = []
-            for args, kwargs in batches:
-                out = layer(*args, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-                if args:
-                    outputs.append(((hidden, *args[1:]), kwargs))
-                else:
-                    outputs.append(((), {**kwargs, "hidden_states": hidden}))
-            batches = outputs
             if progress:
-                progress({"done": index + 1, "total": len(layers)})
+                progress({"done": index + 1, "total": total})
     finally:
         for name, weight in originals.items():
             modules[name].weight.copy_(weight)
-        model.train(was_training)
     return result

@@ -91,7 +91,14 @@ def _recipe_rows(recipe: dict, seq_len: int | None) -> list[list[str]]:
     batch = f"{t['batch_size'] * t['grad_accum']} windows of {seq_len or d['seq_len']} tokens per step"
     if t["grad_accum"] > 1:
         batch += f" ({t['grad_accum']} accumulated micro-batches of {t['batch_size']})"
+    method = p.get("method", "dynamic")
+    if method != "dynamic":
+        method += (f", one-shot layer by layer on {p['calibration_windows']} calibration windows; "
+                   "the mask then stays fixed")
+    elif p.get("start", "dense") != "dense":
+        method += f", starting from a one-shot {p['start']} mask at the target"
     return [
+        ["method", method],
         ["saliency", saliency],
         ["schedule", schedule + ("; regrowth on" if p["regrowth"] else "; no regrowth")],
         ["optimizer", optim],
@@ -106,6 +113,13 @@ def _training_story(report: dict, log: dict | None) -> list[str]:
         return []
     updates = log.get("mask_updates") or []
     lines = []
+    if updates and updates[0].get("method"):
+        first, updates = updates[0], updates[1:]
+        lines.append(f"- One-shot {first['method']} mask at step 0, layer by layer from calibration text: "
+                     f"{first['masked']:,} weights ({first['sparsity']:.2%}) in {first['seconds']:.0f} s."
+                     + (" The mask stayed fixed." if report["recipe"]["prune"]["method"] != "dynamic" else ""))
+        if not updates:
+            return lines + _loss_lines(log)
     if updates:
         last = updates[-1]
         lines.append(
@@ -118,6 +132,11 @@ def _training_story(report: dict, log: dict | None) -> list[str]:
                          "steps trained with the mask fixed (recovery only).")
     else:
         lines.append("- No mask update ran (target 0, or the run ended before the schedule began).")
+    return lines + _loss_lines(log)
+
+
+def _loss_lines(log: dict) -> list[str]:
+    lines = []
     validation = log.get("validation") or []
     if validation:
         dense = validation[0]["loss"] if validation[0]["step"] == 0 else None

@@ -20,16 +20,13 @@ from .export.folder import check_output_dir, directory_bytes, save_model, staged
 from .markdown import render_markdown
 from .models import load_model, model_context
 from .plots import write_plots
-from .pruner import Pruner
+from .calibration import sample_windows
+from .pruner import build_pruner
 from .recipe import Recipe, load_recipe, recipe_to_yaml
 from .report import Gates, check_gates, format_table, model_tensors, sparsity_summary
-from .saliency import NEEDS_ACTIVATIONS
 from .train import Interrupted, Trainer, build_optimizer, run, total_steps
 
 SCHEMA_VERSION = 1  # of report.json and --json; bump on incompatible changes
-
-
-CALIBRATION_WINDOWS = 32  # training windows whose activations wanda's scores weigh by
 
 
 @dataclass
@@ -166,6 +163,9 @@ def compress(
         "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds,
                   "mask_updates": len(log.mask_updates), "recoveries": log.recoveries,
                   "resumed_from": saved["step"] if saved else None,
+                  "oneshot": next(({"method": u["method"], "seconds": u["seconds"],
+                                    "calibration_windows": recipe.prune.calibration_windows}
+                                   for u in log.mask_updates if u.get("method")), None),
                   "ta": "off" if not recipe.ta.enabled else f"target={recipe.ta.target}, space={recipe.ta.space}"},
         "gates": check_gates(dense.ppl, pruned.ppl, gates),
         "output": str(out),
@@ -212,11 +212,14 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
     """Prune while training, with checkpoints, roll-backs and resume; returns (steps, pruner, log)."""
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(data["train"]))
-    pruner = Pruner(recipe.prune, steps).prepare(net)
-    if recipe.prune.saliency in NEEDS_ACTIVATIONS:
-        pruner.calibrate(net, data["train"][:CALIBRATION_WINDOWS], recipe.train.batch_size, device)
+    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
+    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=not saved,
+                          progress=lambda e: notify({**e, "stage": "oneshot"}))
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
     trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
+    trainer.log.mask_updates.extend(pruner.history)  # a one-shot mask: the update at step 0
+    if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
+        dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
 
     def save_checkpoint(t: Trainer) -> None:
         if dist.is_main():
@@ -229,7 +232,7 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
     if saved:
         trainer.load_state_dict(saved)
         notify({"stage": "train", "resumed": saved["step"]})
-    elif recipe.train.checkpoint_every:
+    elif recipe.train.checkpoint_every and steps:
         save_checkpoint(trainer)  # step 0: something to roll back to if the loss blows up early
     try:
         log = run(trainer, progress=notify, checkpoint=save_checkpoint,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import prunable_weights
+from .oneshot import METHODS, prune_oneshot
 from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
 from .recipe import PruneConfig
 from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
@@ -172,17 +174,22 @@ class Pruner:
         self.modules: dict[str, nn.Module] = {}
         self.input_dims: dict[str, int] = {}
         self.scores: dict[str, torch.Tensor] = {}
-        self.input_norms: dict[str, torch.Tensor] = {}  # wanda: ||x|| per input feature
+        self.input_norms: dict[str, torch.Tensor] = {}  # global-wanda: ||x|| per input feature
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
 
     # -- setup -------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> Pruner:
-        self.modules = prunable_weights(model)
-        if not self.modules:
+    def check(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, int]]:
+        """The prunable modules and their input axes, once it is known the pattern fits them."""
+        modules = prunable_weights(model)
+        if not modules:
             raise ValueError("the model has no prunable projection weights (nn.Linear or Conv1D)")
-        self.input_dims = {name: input_dim(module) for name, module in self.modules.items()}
-        check_divisible(self.pattern, {n: tuple(m.weight.shape) for n, m in self.modules.items()}, self.input_dims)
+        dims = {name: input_dim(module) for name, module in modules.items()}
+        check_divisible(self.pattern, {n: tuple(m.weight.shape) for n, m in modules.items()}, dims)
+        return modules, dims
+
+    def prepare(self, model: nn.Module) -> Pruner:
+        self.modules, self.input_dims = self.check(model)
         workspace = _Workspace()
         for name, module in self.modules.items():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
@@ -195,7 +202,7 @@ class Pruner:
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device="cpu") -> None:
-        """Record the L2 norm of each prunable layer's input features over `windows` (for wanda).
+        """Record the L2 norm of each prunable layer's input features over `windows` (for global-wanda).
 
         The norm is shaped to broadcast over the stored weight: (1, in) for nn.Linear,
         whose weight is (out, in), and (in, 1) for GPT-2's Conv1D, whose weight is (in, out).
@@ -262,7 +269,7 @@ class Pruner:
         Call after backward and before `mask_gradients_`: masked weights need their
         straight-through gradient to be scored. Nothing to do once the mask is fixed.
         """
-        if self.config.saliency not in NEEDS_GRADIENT or step > self.final_step:
+        if self.config.saliency not in NEEDS_GRADIENT or step > self.final_step or self.fixed:
             return
         beta = self.config.score_momentum
         for name, weight in self.weights.items():
@@ -282,8 +289,13 @@ class Pruner:
             if weight.grad is not None:
                 weight.grad.mul_(masks[name])
 
+    @property
+    def fixed(self) -> bool:
+        """One-shot methods choose the mask before training; it never changes after."""
+        return self.config.method != "dynamic"
+
     def should_update(self, step: int) -> bool:
-        if step > self.final_step:
+        if step > self.final_step or self.fixed:
             return False
         return step == self.final_step or step % self.config.prune_every == 0
 
@@ -327,6 +339,21 @@ class Pruner:
         self.history.append(record)
         return record
 
+    @torch.no_grad()
+    def start_from(self, masks: dict[str, torch.Tensor], method: str, seconds: float = 0.0) -> dict:
+        """Take a one-shot method's masks (at the target) as the masks at step 0."""
+        current = self.masks
+        if set(masks) != set(current):
+            raise ValueError("the one-shot masks belong to a model with other prunable layers")
+        for name, keep in masks.items():
+            current[name].copy_(keep)
+        masked = self.num_masked()
+        self.sparsity = self.config.sparsity
+        record = {"step": 0, "target": self.sparsity, "alpha": 1.0, "masked": masked, "pruned": masked,
+                  "regrown": 0, "sparsity": masked / self.num_prunable(), "method": method, "seconds": seconds}
+        self.history.append(record)
+        return record
+
     # -- end -----------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self) -> None:
@@ -356,3 +383,26 @@ class Pruner:
         self.scores = {n: s.clone() for n, s in state["scores"].items()}
         self.sparsity = state["sparsity"]
         self.history = list(state["history"])
+
+
+def build_pruner(model: nn.Module, config: PruneConfig, total_steps: int, calibration: torch.Tensor,
+                 batch_size: int = 4, oneshot: bool = True, progress=None) -> Pruner:
+    """The pruner a run starts with, its masks set by a one-shot method first when the recipe says so.
+
+    `calibration`: the windows one-shot methods and global-wanda calibrate on. `oneshot`
+    False skips the one-shot method (a resumed run takes its masks from the checkpoint).
+    """
+    pruner = Pruner(config, total_steps)
+    method = config.method if config.method != "dynamic" else config.start
+    masks, started = None, time.perf_counter()
+    if oneshot and method in METHODS:
+        modules, _ = pruner.check(model)
+        masks = prune_oneshot(model, modules, calibration, method, config.sparsity, pruner.pattern,
+                              batch_size=batch_size, block_size=config.sparsegpt_block, damp=config.sparsegpt_damp,
+                              progress=progress)
+    pruner.prepare(model)
+    if masks is not None:
+        pruner.start_from(masks, method, time.perf_counter() - started)
+    if config.saliency in NEEDS_ACTIVATIONS:
+        pruner.calibrate(model, calibration, batch_size, next(model.parameters()).device)
+    return pruner

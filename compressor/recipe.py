@@ -27,7 +27,17 @@ class PruneConfig(_Section):
     """What is pruned, by which score, and how fast (SPEC: saliency, threshold, schedule)."""
 
     sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="target fraction of prunable weights")
-    saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or wanda (|w|*||x||)")
+    method: Literal["dynamic", "sparsegpt", "wanda"] = Field(
+        "dynamic", description="dynamic: masks follow the saliency while training (thesis); sparsegpt or wanda: "
+                               "one-shot, layer by layer from calibration text, then the mask stays fixed")
+    start: Literal["dense", "sparsegpt", "wanda"] = Field(
+        "dense", description="first mask of the dynamic method: none (dense) or a one-shot mask at the target")
+    calibration_windows: int = Field(32, ge=1, description="training windows (drawn by the seed) that one-shot "
+                                                           "methods and global-wanda calibrate on")
+    sparsegpt_block: int = Field(128, ge=1, description="SparseGPT: input columns masked together")
+    sparsegpt_damp: float = Field(0.01, gt=0.0, description="SparseGPT: fraction of the mean Hessian diagonal added")
+    saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or global-wanda (|w|*||x||, "
+                                                "ranked over the whole model, unlike the Wanda paper)")
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
@@ -47,6 +57,15 @@ class PruneConfig(_Section):
                 "both are fractions of the run"
             )
         pattern = parse_pattern(self.pattern)
+        if self.saliency == "wanda":
+            raise ValueError("saliency wanda was renamed global-wanda (it ranks all weights together, unlike the "
+                             "Wanda paper); for the paper's per-row Wanda use method: wanda or start: wanda")
+        if self.method != "dynamic" and self.start != "dense":
+            raise ValueError(f"start: {self.start} is for the dynamic method; method {self.method} makes its own mask")
+        oneshot = self.method if self.method != "dynamic" else self.start
+        if oneshot != "dense" and pattern.structured and abs(self.sparsity - pattern.min_sparsity) > 1e-9:
+            raise ValueError(f"{oneshot} with pattern {pattern} prunes exactly {pattern.min_sparsity:g} of the weights; "
+                             f"use --sparsity {pattern.min_sparsity:g}")
         if self.sparsity < pattern.min_sparsity:
             raise ValueError(
                 f"pattern {pattern} masks at least {pattern.min_sparsity:.0%} of the weights, more than "
@@ -86,7 +105,8 @@ class TAConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int | None = Field(None, ge=1, description="optimizer steps; null = from epochs")
+    steps: int | None = Field(None, ge=0, description="optimizer steps; null = from epochs; 0 = no training "
+                                                      "(one-shot methods only)")
     epochs: float = Field(3.0, gt=0.0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -150,6 +170,13 @@ class Recipe(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _something_prunes(self) -> Recipe:
+        if self.train.steps == 0 and self.prune.method == "dynamic" and self.prune.sparsity > 0:
+            raise ValueError("train.steps 0 (--steps 0) leaves nothing to the dynamic method, which prunes while "
+                             "training; use prune.method (--method) sparsegpt or wanda to prune without training")
+        return self
 
 
 def builtin_recipes() -> list[str]:

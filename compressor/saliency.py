@@ -1,10 +1,12 @@
 """Saliency criteria: how much each weight matters (higher = keep).
 
 `taylor` is the first-order Taylor estimate of the loss change if the weight were set
-to zero, |w * dE/dw| (thesis eq. 4.1/4.4); `magnitude` is the |w| baseline; `wanda`
-(Sun et al. 2023) is |w| times the L2 norm of the weight's input feature over
-calibration tokens, so a small weight on a loud input still counts. All take the kept
-value of a masked weight, so masked weights can compete to come back.
+to zero, |w * dE/dw| (thesis eq. 4.1/4.4); `magnitude` is the |w| baseline; `global-wanda`
+is Wanda's score (Sun et al. 2023), |w| times the L2 norm of the weight's input feature
+over calibration tokens, ranked over the whole model by the global threshold -- not the
+paper's method, which compares weights within each output row, layer by layer
+(`oneshot.py`). All take the kept value of a masked weight, so masked weights can
+compete to come back.
 """
 
 from __future__ import annotations
@@ -24,20 +26,20 @@ def magnitude(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch
     return weight.abs()
 
 
-def wanda(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+def global_wanda(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
     """|w| * ||x||: `input_norm` is already shaped to broadcast over the weight's input axis."""
     if input_norm is None:
-        raise ValueError("wanda saliency needs calibration activations; call Pruner.calibrate(model, windows) first")
+        raise ValueError("global-wanda saliency needs calibration activations; call Pruner.calibrate(model, windows) first")
     return weight.abs() * input_norm
 
 
 CRITERIA: dict[str, Callable[..., torch.Tensor]] = {
     "taylor": taylor,
     "magnitude": magnitude,
-    "wanda": wanda,
+    "global-wanda": global_wanda,
 }
 NEEDS_GRADIENT = {"taylor"}
-NEEDS_ACTIVATIONS = {"wanda"}
+NEEDS_ACTIVATIONS = {"global-wanda"}
 
 
 def get_criterion(name: str):

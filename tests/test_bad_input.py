@@ -73,7 +73,7 @@ CASES = [
     ("sparsity-too-high", ["--sparsity", "1.0"], None, 2, "1.0"),
     ("sparsity-negative", ["--sparsity", "-0.2"], None, 2, "-0.2"),
     ("sparsity-not-a-number", ["--sparsity", "thirty"], None, 2, "thirty"),
-    ("steps-zero", ["--steps", "0"], None, 2, "--steps"),
+    ("steps-zero", ["--steps", "0"], None, 2, "--steps 0"),
     ("seq-len-beyond-context", ["--seq-len", "4096"], None, 2, "exceeds the model's context of 128"),
     ("unknown-device", ["--device", "abacus"], None, 2, "unknown device"),
     ("missing-model-path", [], lambda t, f: {"model": "./no/such/dir"}, 2, "does not exist"),

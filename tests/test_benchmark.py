@@ -63,7 +63,7 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     cost = result["runs"]["cost"]["ratios"]
     assert cost["step_time"] > 0 and cost["peak_memory"] > 0
     md = (out / "results.md").read_text()
-    assert "| one-shot global Wanda |" in md and "## Cost of pruning + TA" in md
+    assert "| one-shot global Wanda (not the paper's per-row Wanda) |" in md and "## Cost of pruning + TA" in md
     assert "## Recovery from a one-shot mask" in md and (out / "shock.png").stat().st_size > 1000
     assert (out / "loss-s50.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["summary"]["ceiling"] == "dense-finetune-lr0.003"
@@ -72,6 +72,23 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     again = recovery.main(args)
     assert capsys.readouterr().err == ""
     assert again["summary"] == result["summary"]
+
+
+def test_peer_rows_average_over_seeds(tmp_path):
+    """Issue 11's rows: SparseGPT one-shot and then AdamW, two seeds, one line each with mean and sd."""
+    out = tmp_path / "bench"
+    ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003"]
+    for seed in (0, 1):
+        only = ",".join(ids if seed == 0 else [f"{i}-seed1" for i in ids])
+        result = recovery.main(["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs",
+                                "0.003", "--no-cost", "--seed", str(seed), "--only", only])
+    peers = result["summary"]["peers"]
+    assert set(peers) == set(ids)
+    for row in peers.values():
+        assert row["seeds"] == 2 and row["ppl_sd"] is not None and row["ppl_sd"] > 0  # other windows and batches
+    assert peers["s50-sparsegpt-adamw-lr0.003"]["val_loss"] is not None
+    md = (out / "results.md").read_text()
+    assert "## Against the peers (issue 11)" in md and "| SparseGPT, then AdamW, mask fixed |" in md
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):

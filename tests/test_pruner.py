@@ -143,7 +143,7 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_wanda_one_shot_uses_input_norms(kind):
     model = build_model(kind, 97)
-    pruner = Pruner(PruneConfig(sparsity=0.5, saliency="wanda"), total_steps=1).prepare(model)
+    pruner = Pruner(PruneConfig(sparsity=0.5, saliency="global-wanda"), total_steps=1).prepare(model)
     pruner.calibrate(model, _batch(model, n=4), batch_size=2)
     for name, weight in pruner.weights.items():
         norm = pruner.input_norms[name]
@@ -166,7 +166,7 @@ def test_wanda_one_shot_uses_input_norms(kind):
 
 def test_wanda_without_calibration_says_how_to_fix():
     model = build_model("llama", 97)
-    pruner = Pruner(PruneConfig(sparsity=0.3, saliency="wanda"), total_steps=1).prepare(model)
+    pruner = Pruner(PruneConfig(sparsity=0.3, saliency="global-wanda"), total_steps=1).prepare(model)
     with pytest.raises(ValueError, match="calibrate"):
         pruner.step(1)
 

@@ -151,7 +151,7 @@ def _rows(module) -> torch.Tensor:
 
 def _last_layers(model, fraction: float) -> set[str]:
     """Projection names in the last `fraction` of the decoder layers (at least one layer when fraction > 0)."""
-    from ..gptq import decoder_layers
+    from ..calibration import decoder_layers
     from ..models import prunable_weights
 
     if fraction <= 0:
