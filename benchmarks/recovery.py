@@ -120,6 +120,7 @@ class Bench:
     settings: Settings
     model_label: str
     dense_val_loss: float = 0.0
+    oneshots: dict = field(default_factory=dict)  # (method, sparsity, pattern) -> (weights, masks, seconds)
 
 
 # -- the methods -------------------------------------------------------------------------
@@ -360,6 +361,28 @@ def validation_loss(bench: Bench, net) -> float:
     return mean_loss(net, bench.val_windows[: bench.settings.val_windows], 4, "cpu")
 
 
+def calibrated_pruner(bench: Bench, net, config: PruneConfig) -> Pruner:
+    """`build_pruner`, with each one-shot result (masks and weights) computed once per process and reused."""
+    s = bench.settings
+    method = config.method if config.method != "dynamic" else config.start
+    if method == "dense":
+        return build_pruner(net, config, s.steps, bench.calibration)
+    key = (method, config.sparsity, config.pattern)
+    if key not in bench.oneshots:
+        copy_ = copy.deepcopy(bench.model)
+        pruner = build_pruner(copy_, config, s.steps, bench.calibration)
+        bench.oneshots[key] = ({n: w.detach().clone() for n, w in pruner.weights.items()},
+                               {n: m.clone() for n, m in pruner.masks.items()}, pruner.history[0]["seconds"])
+    weights, masks, seconds = bench.oneshots[key]
+    pruner = Pruner(config, s.steps)
+    pruner.prepare(net)
+    with torch.no_grad():
+        for name, w in pruner.weights.items():
+            w.copy_(weights[name])
+    pruner.start_from(masks, method, seconds)
+    return pruner
+
+
 def run_method(bench: Bench, method: Method, progress=print) -> dict:
     s = bench.settings
     net = copy.deepcopy(bench.model)
@@ -374,12 +397,12 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
         pruner.step(1)  # step 1 of 1 is the final step: the exact target, at once
         pruner.finalize()
     elif method.kind == "calibrated":
-        pruner = build_pruner(net, recipe_for(bench, method).prune, s.steps, bench.calibration)
+        pruner = calibrated_pruner(bench, net, recipe_for(bench, method).prune)
         result["oneshot_seconds"] = pruner.history[0]["seconds"]
         pruner.finalize()
     elif method.kind in ("prune", "shock", "finetune", "calibrated-train"):
         recipe = recipe_for(bench, method)
-        pruner = build_pruner(net, recipe.prune, s.steps, bench.calibration) if method.kind != "finetune" else None
+        pruner = calibrated_pruner(bench, net, recipe.prune) if method.kind != "finetune" else None
         optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
         window = s.shock_window if method.kind == "shock" else s.prune_every
         watch = ProbeRecovery(net, pruner, bench.probe_windows, window) if pruner else None
