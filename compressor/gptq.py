@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibration import layer_by_layer
-from .patterns import input_dim
+from .patterns import as_rows
 
 QMAX = 15  # 4-bit codes 0..15
 
@@ -135,11 +135,6 @@ class Quantized:
                           self.zeros.float().repeat_interleave(block, 1))
 
 
-def _as_rows(module: nn.Module) -> torch.Tensor:
-    weight = module.weight.detach().float().cpu()
-    return weight.T if input_dim(module) == 0 else weight  # GPT-2's Conv1D stores (in, out)
-
-
 @torch.no_grad()
 def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, *, block_size: int = 32,
                      batch_size: int = 4, act_order: bool = True, progress=None) -> dict[str, Quantized]:
@@ -152,13 +147,13 @@ def quantize_modules(model: nn.Module, modules: dict[str, nn.Module], windows: t
     try:
         for index, total, inside, hessians in layer_by_layer(model, modules, windows, batch_size):
             for name, module in inside.items():
-                weight = _as_rows(module)
+                weight = as_rows(module.weight.detach().float().cpu(), module)
                 if name not in hessians or weight.shape[1] % block_size:
                     continue
                 result[name] = Quantized(weight, *gptq(weight, hessians[name].cpu(), block_size, act_order=act_order))
                 originals[name] = module.weight.detach().clone()
                 rows = result[name].dequantized()
-                module.weight.copy_((rows.T if input_dim(module) == 0 else rows).to(module.weight))
+                module.weight.copy_(as_rows(rows, module).to(module.weight))
             if progress:
                 progress({"done": index + 1, "total": total})
     finally:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .calibration import layer_by_layer
-from .patterns import Pattern, candidate_mask, input_dim
+from .patterns import Pattern, as_rows, candidate_mask
 
 METHODS = ("sparsegpt", "wanda")
 
@@ -89,10 +89,6 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
     return w, keep
 
 
-def _as_rows(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    return weight.T if input_dim(module) == 0 else weight  # GPT-2's Conv1D stores (in, out)
-
-
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, method: str,
                   sparsity: float, pattern: Pattern = Pattern(), *, batch_size: int = 4, block_size: int = 128,
@@ -117,14 +113,14 @@ def prune_oneshot(model: nn.Module, modules: dict[str, nn.Module], windows: torc
                                                          diagonal=method == "wanda"):
         put_back()
         for name, module in inside.items():
-            rows = _as_rows(module.weight.detach().float(), module)
+            rows = as_rows(module.weight.detach().float(), module)
             if method == "wanda":
                 keep, new = wanda_mask(rows, moments[name].sqrt(), sparsity, pattern), rows
             else:
                 new, keep = sparsegpt(rows, moments[name], sparsity, pattern, block_size, damp)
-            masks[name] = _as_rows(keep, module).contiguous()
+            masks[name] = as_rows(keep, module).contiguous()
             dense[name] = module.weight.detach().clone()
-            module.weight.copy_(_as_rows(new * keep, module).to(module.weight))
+            module.weight.copy_(as_rows(new * keep, module).to(module.weight))
         if progress:
             progress({"done": index + 1, "total": total})
     put_back()

@@ -64,6 +64,11 @@ def input_dim(module: nn.Module) -> int:
     return 0 if isinstance(module, Conv1D) else 1
 
 
+def as_rows(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`weight` as [out, in] (a view): GPT-2's Conv1D stores it (in, out). Its own inverse."""
+    return weight.T if input_dim(module) == 0 else weight
+
+
 def _grouped(tensor: torch.Tensor, dim: int, m: int) -> torch.Tensor:
     """View `tensor` as (..., groups, m) with each group m consecutive entries along `dim`."""
     moved = tensor.movedim(dim, -1)
