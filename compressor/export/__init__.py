@@ -109,13 +109,15 @@ def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluatio
     from ..evaluate import top1_agreement
     from ..generation import OnnxDecoder
     from ..models import prunable_weights
+    from ..patterns import as_rows
     from .graph import ONNX_NAME
     from .parity import check_greedy
     from .quantize import quantize_decoder
 
     bits = QUANTIZED[kind]
     notify({"stage": f"export-{kind}"})
-    layers = {name: _rows(module) for name, module in prunable_weights(model).items()}
+    layers = {name: as_rows(module.weight.detach().float().cpu(), module)
+              for name, module in prunable_weights(model).items()}
     calibrated, eight_bit = None, set()
     if bits == 4:
         eight_bit = _last_layers(model, config.int4_int8_layers)
@@ -140,13 +142,6 @@ def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluatio
         info.update(perplexity=ppl.to_dict(), ppl_increase=ppl.ppl / evaluation.reference.ppl - 1.0,
                     top1_agreement=top1_agreement(top1, evaluation.reference_top1))
     return info
-
-
-def _rows(module) -> torch.Tensor:
-    from ..patterns import input_dim
-
-    weight = module.weight.detach().float().cpu()
-    return weight.T if input_dim(module) == 0 else weight
 
 
 def _last_layers(model, fraction: float) -> set[str]:
