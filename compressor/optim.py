@@ -13,7 +13,8 @@ reaches 0. Norms and dot products run over all parameters together.
 
 With `ta_lr=0` the step is exactly `torch.optim.AdamW` (single-tensor path). Masked
 weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them; their
-gradients and momentum are zeroed in place, so one that grows back starts afresh.
+gradients are zeroed in place (unless the caller did, `grads_masked=True`) and their
+momentum when the mask changes, so one that grows back starts afresh.
 The TA step size follows the learning-rate schedule: eta_TA(t) = ta_lr * lr(t) / lr(0).
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .scratch import Scratch
 
 
 class TAAdamW(torch.optim.Optimizer):
@@ -42,6 +45,7 @@ class TAAdamW(torch.optim.Optimizer):
         space: str = "gradient",
         ref_loss: float | None = None,
         masks: dict[torch.Tensor, torch.Tensor] | None = None,
+        grads_masked: bool = False,
     ):
         if space not in ("gradient", "adam"):
             raise ValueError(f"unknown TA space {space!r}; choose gradient or adam")
@@ -50,6 +54,9 @@ class TAAdamW(torch.optim.Optimizer):
         self.ta = {"lr": ta_lr, "gamma": gamma, "beta": beta, "eps": ta_eps, "clip": clip, "k": k,
                    "space": space, "ref_loss": ref_loss}
         self.masks = masks or {}
+        self.grads_masked = grads_masked  # the caller zeroes masked gradients before step()
+        self._mask_versions: dict[torch.Tensor, int] = {}  # each mask's version when momentum was last masked
+        self._scratch = Scratch()  # the masks cast to float, one at a time
         self.last_ta: dict = {}  # what the TA term did at the last step, for the log
 
     def _adam_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
@@ -59,8 +66,16 @@ class TAAdamW(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         return state["exp_avg"] / (1 - beta1**step) / denom
 
+    def _mask_changed(self, p: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Whether `mask` was written since the last step (its in-place version counter moved)."""
+        changed = self._mask_versions.get(p) != mask._version
+        self._mask_versions[p] = mask._version
+        return changed
+
     @torch.no_grad()
-    def step(self, closure=None, *, loss: float | None = None):
+    def step(self, closure=None, *, loss: float | None = None, grad_norm: float | None = None):
+        """`grad_norm`: the global norm of the (masked, clipped) gradients when the caller
+        knows it, as after clipping; it saves the TA term a pass over the gradients."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -76,13 +91,21 @@ class TAAdamW(torch.optim.Optimizer):
                     continue
                 grad, mask = p.grad, self.masks.get(p)
                 if mask is not None:
-                    grad.mul_(mask)  # masked weights take no part: in the moments, the norms, the TA term
+                    mask = self._scratch.mask_as(mask, p)
+                    if not self.grads_masked:
+                        grad.mul_(mask)  # masked weights take no part: in the moments, the norms, the TA term
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if mask is not None and self._mask_changed(p, self.masks[p]):
+                    # A newly masked weight may carry momentum from before: zero it, so Adam's
+                    # step leaves the weight exactly where it is, and a weight that grows back
+                    # starts with a fresh momentum. Its gradient is zero from now on, so the
+                    # momentum stays zero until the mask changes again.
+                    exp_avg.mul_(mask)
                 state["step"] += 1
                 step = state["step"].item()
                 if wd != 0:
@@ -91,11 +114,6 @@ class TAAdamW(torch.optim.Optimizer):
                     else:
                         p.addcmul_(p, mask, value=-lr * wd)  # a masked weight keeps its value
                 exp_avg.lerp_(grad, 1 - beta1)
-                if mask is not None:
-                    # Its gradient is zero, but its momentum may not be (from before it was
-                    # masked): zero it, so Adam's step leaves the weight exactly where it is,
-                    # and a weight that grows back starts with a fresh momentum.
-                    exp_avg.mul_(mask)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1**step)
                 denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
@@ -103,7 +121,8 @@ class TAAdamW(torch.optim.Optimizer):
                 if ta_on:
                     g = grad.reshape(-1)
                     if self.ta["space"] == "gradient":
-                        dots.append(torch.dot(g, g))
+                        if grad_norm is None:
+                            dots.append(torch.dot(g, g))
                     else:
                         d = self._adam_direction(p, group)
                         if mask is not None:
@@ -112,7 +131,10 @@ class TAAdamW(torch.optim.Optimizer):
                         dots.append(torch.dot(g, d))
                         sq_norms.append(torch.dot(d, d))
         if ta_on:
-            dot = torch.stack(dots).double().sum().item() if dots else 0.0
+            if grad_norm is not None and self.ta["space"] == "gradient":
+                dot = float(grad_norm) ** 2
+            else:
+                dot = torch.stack(dots).double().sum().item() if dots else 0.0
             sq_norm = torch.stack(sq_norms).double().sum().item() if sq_norms else dot
             self._ta_step(float(loss), dot, sq_norm)
         return loss
@@ -141,7 +163,7 @@ class TAAdamW(torch.optim.Optimizer):
                 d = self._adam_direction(p, group)
                 mask = self.masks.get(p)
                 if mask is not None:
-                    d.mul_(mask)
+                    d.mul_(self._scratch.mask_as(mask, d))
                 p.add_(d, alpha=-coef)
         self.last_ta = {"coef": coef, "norm": coef * math.sqrt(sq_norm), "energy": energy,
                         "saturated": saturation < 1.0}

@@ -28,6 +28,7 @@ from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
 from .recipe import PruneConfig
 from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
+from .scratch import Scratch
 
 EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
 SAMPLE_SIZE = 1 << 20
@@ -52,25 +53,6 @@ class Mask(nn.Module):
 
     def forward(self, weight):
         return _StraightThrough.apply(weight, self.mask)
-
-
-class _Workspace:
-    """One reused buffer per device and dtype for `w * mask`, formed one layer at a time.
-
-    Fresh 100-million-element products on every forward and backward would cost both
-    memory (autograd would keep them all for backward) and time (new pages each time).
-    """
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        key = (weight.device, weight.dtype)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < weight.numel():
-            with torch.inference_mode(False):  # a buffer born in inference mode could not be reused
-                buf = self.buffers[key] = torch.empty(weight.numel(), device=weight.device, dtype=weight.dtype)
-        return torch.mul(weight, mask, out=buf[: weight.numel()].view(weight.shape))
 
 
 class _MaskedLinear(torch.autograd.Function):
@@ -106,7 +88,7 @@ class _MaskedLinear(torch.autograd.Function):
         return dx, dw, None, db, None, None
 
 
-def _masked_forward(module: nn.Module, workspace: _Workspace, transposed: bool, x: torch.Tensor) -> torch.Tensor:
+def _masked_forward(module: nn.Module, workspace: Scratch, transposed: bool, x: torch.Tensor) -> torch.Tensor:
     weight = module.parametrizations.weight
     return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace, transposed)
 
@@ -175,6 +157,7 @@ class Pruner:
         self.input_dims: dict[str, int] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self.input_norms: dict[str, torch.Tensor] = {}  # global-wanda: ||x|| per input feature
+        self.workspace = Scratch()  # w * mask in forward and backward, the Taylor scores
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
 
@@ -190,7 +173,7 @@ class Pruner:
 
     def prepare(self, model: nn.Module) -> Pruner:
         self.modules, self.input_dims = self.check(model)
-        workspace = _Workspace()
+        workspace = self.workspace
         for name, module in self.modules.items():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
@@ -275,11 +258,13 @@ class Pruner:
         for name, weight in self.weights.items():
             if weight.grad is None:
                 continue
-            score = self._score(name, weight)
-            if name in self.scores:
-                self.scores[name].mul_(beta).add_(score, alpha=1 - beta)
-            else:
-                self.scores[name] = score
+            if name not in self.scores:
+                self.scores[name] = self._score(name, weight)
+                continue
+            # The score in the reused buffer, then into the running average: no fresh
+            # memory per layer (fresh scores cost 180 ms a step on SmolLM2, this 70 ms).
+            score = self.criterion(weight, weight.grad, out=self.workspace.like(weight))
+            self.scores[name].lerp_(score, 1 - beta)
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:
@@ -287,7 +272,7 @@ class Pruner:
         masks = self.masks  # each property access walks all the parametrizations: once per call
         for name, weight in self.weights.items():
             if weight.grad is not None:
-                weight.grad.mul_(masks[name])
+                weight.grad.mul_(self.workspace.mask_as(masks[name], weight.grad))
 
     @property
     def fixed(self) -> bool:

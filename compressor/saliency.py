@@ -16,10 +16,12 @@ from collections.abc import Callable
 import torch
 
 
-def taylor(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+def taylor(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """`out`: a buffer for the result (the pruner reuses one every step instead of a fresh tensor)."""
     if grad is None:
         raise ValueError("taylor saliency needs a gradient; run a backward pass first")
-    return (weight * grad).abs_()
+    return torch.mul(weight, grad, out=out).abs_()
 
 
 def magnitude(weight: torch.Tensor, grad: torch.Tensor | None, input_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,7 +40,7 @@ CRITERIA: dict[str, Callable[..., torch.Tensor]] = {
     "magnitude": magnitude,
     "global-wanda": global_wanda,
 }
-NEEDS_GRADIENT = {"taylor"}
+NEEDS_GRADIENT = {"taylor"}  # these also take `out=`, a buffer for the score
 NEEDS_ACTIVATIONS = {"global-wanda"}
 
 

@@ -60,6 +60,7 @@ def build_optimizer(model, recipe: Recipe, pruner: Pruner | None, ref_loss: floa
         ta_lr=ta_lr, gamma=ta.gamma, beta=ta.beta, ta_eps=ta.eps, clip=ta.clip, k=ta.k,
         space=ta.space, ref_loss=ref_loss if ta.target == "reference" else None,
         masks=pruner.param_masks() if pruner else None,
+        grads_masked=pruner is not None,  # Trainer.train_step masks them before clipping
     )
 
 
@@ -148,10 +149,12 @@ class Trainer:
         if self.pruner:
             self.pruner.observe(step)
             self.pruner.mask_gradients_()
-        if self.recipe.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip)
+        norm, clip = None, self.recipe.optim.grad_clip
+        if clip:
+            # The norm after clipping is what the TA term needs: it is known here for free.
+            norm = min(float(torch.nn.utils.clip_grad_norm_(self.params, clip)), clip)
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step(loss=loss)
+        self.optimizer.step(loss=loss, grad_norm=norm)
         self.scheduler.step()
         log = self.log
         log.loss.append(loss)

@@ -56,6 +56,22 @@ def test_ta_term_matches_hand_computation():
     assert opt.last_ta["coef"] == pytest.approx(coef)
 
 
+def test_ta_term_takes_the_known_gradient_norm():
+    """A caller that knows the gradient norm (after clipping) gets the very same step."""
+    runs = []
+    for known in (False, True):
+        params = _params()
+        _grads(0, params)
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+        opt = TAAdamW(params, lr=1e-3, weight_decay=0.0, ta_lr=0.5, clip=100.0)
+        opt.step(loss=2.7, grad_norm=norm if known else None)
+        runs.append((params, opt.last_ta["coef"]))
+    (computed, coef), (given, coef_given) = runs
+    assert coef_given == pytest.approx(coef, rel=1e-6)
+    for a, b in zip(computed, given):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def test_ta_term_saturates_at_clip():
     params = _params()
     _grads(0, params)

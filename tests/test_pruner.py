@@ -59,11 +59,13 @@ def test_prunes_only_block_projections():
     assert len(pruner.modules) == 2 * 7  # q k v o gate up down per block
 
 
-def test_masked_weights_stay_zero_through_optimizer_steps():
+@pytest.mark.parametrize("grads_masked", [False, True])
+def test_masked_weights_stay_zero_through_optimizer_steps(grads_masked):
     config = PruneConfig(sparsity=0.5, prune_every=1, warmup=0.0, tau=0.1, final=0.2)
     model = build_model("gpt2", 97).train()
     pruner = Pruner(config, 10).prepare(model)
-    opt = TAAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, ta_lr=1e-2, masks=pruner.param_masks())
+    opt = TAAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, ta_lr=1e-2, masks=pruner.param_masks(),
+                  grads_masked=grads_masked)
     for step in range(1, 11):
         _train_step(model, pruner, opt, step)
         if step >= pruner.final_step:
