@@ -67,9 +67,12 @@ def test_ta_term_takes_the_known_gradient_norm():
         opt.step(loss=2.7, grad_norm=norm if known else None)
         runs.append((params, opt.last_ta["coef"]))
     (computed, coef), (given, coef_given) = runs
-    assert coef_given == pytest.approx(coef, rel=1e-6)
+    # The two norms differ by float32 rounding (the dot products' order is the BLAS's, which
+    # differs between CPUs), so a weight may land one ulp apart: bounds well above that,
+    # far below the TA step itself (coef * |g| ~ 3e-2 here).
+    assert coef_given == pytest.approx(coef, rel=1e-5)
     for a, b in zip(computed, given):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_ta_term_saturates_at_clip():
