@@ -73,13 +73,15 @@ class TAAdamW(torch.optim.Optimizer):
         return changed
 
     @torch.no_grad()
-    def step(self, closure=None, *, loss: float | None = None, grad_norm: float | None = None):
+    def step(self, closure=None, *, loss: float | None = None,
+             grad_norm: float | torch.Tensor | None = None):
         """`grad_norm`: the global norm of the (masked, clipped) gradients when the caller
         knows it, as after clipping; it saves the TA term a pass over the gradients."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         ta_on = self.ta["lr"] > 0
+        norm_known = grad_norm is not None and self.ta["space"] == "gradient"  # then <g, g> = grad_norm^2
         if ta_on and loss is None:
             raise ValueError("the TA term needs the loss: call step(loss=...) or pass a closure")
         dots, sq_norms = [], []  # per-parameter <g, d> and ||d||^2, summed once at the end
@@ -89,9 +91,9 @@ class TAAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad, mask = p.grad, self.masks.get(p)
+                grad, keep = p.grad, self.masks.get(p)
+                mask = None if keep is None else self._scratch.mask_as(keep, p)  # 0/1 in p's dtype
                 if mask is not None:
-                    mask = self._scratch.mask_as(mask, p)
                     if not self.grads_masked:
                         grad.mul_(mask)  # masked weights take no part: in the moments, the norms, the TA term
                 state = self.state[p]
@@ -100,7 +102,7 @@ class TAAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if mask is not None and self._mask_changed(p, self.masks[p]):
+                if keep is not None and self._mask_changed(p, keep):
                     # A newly masked weight may carry momentum from before: zero it, so Adam's
                     # step leaves the weight exactly where it is, and a weight that grows back
                     # starts with a fresh momentum. Its gradient is zero from now on, so the
@@ -121,7 +123,7 @@ class TAAdamW(torch.optim.Optimizer):
                 if ta_on:
                     g = grad.reshape(-1)
                     if self.ta["space"] == "gradient":
-                        if grad_norm is None:
+                        if not norm_known:
                             dots.append(torch.dot(g, g))
                     else:
                         d = self._adam_direction(p, group)
@@ -131,7 +133,7 @@ class TAAdamW(torch.optim.Optimizer):
                         dots.append(torch.dot(g, d))
                         sq_norms.append(torch.dot(d, d))
         if ta_on:
-            if grad_norm is not None and self.ta["space"] == "gradient":
+            if norm_known:
                 dot = float(grad_norm) ** 2
             else:
                 dot = torch.stack(dots).double().sum().item() if dots else 0.0
@@ -158,7 +160,7 @@ class TAAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if ta["space"] == "gradient":
-                    p.add_(p.grad, alpha=-coef)  # the gradient is already masked in step()
+                    p.add_(p.grad, alpha=-coef)  # the gradient is masked by now (in step() or by the caller)
                     continue
                 d = self._adam_direction(p, group)
                 mask = self.masks.get(p)

@@ -173,14 +173,13 @@ class Pruner:
 
     def prepare(self, model: nn.Module) -> Pruner:
         self.modules, self.input_dims = self.check(model)
-        workspace = self.workspace
         for name, module in self.modules.items():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
             # The module computes with `w * mask` without keeping it for backward; `module.weight`
             # still gives `w * mask` to anyone who asks.
             transposed = self.input_dims[name] == 0  # stored (in, out), as GPT-2's Conv1D
-            module.forward = functools.partial(_masked_forward, module, workspace, transposed)
+            module.forward = functools.partial(_masked_forward, module, self.workspace, transposed)
         return self
 
     @torch.no_grad()

@@ -151,8 +151,9 @@ class Trainer:
             self.pruner.mask_gradients_()
         norm, clip = None, self.recipe.optim.grad_clip
         if clip:
-            # The norm after clipping is what the TA term needs: it is known here for free.
-            norm = min(float(torch.nn.utils.clip_grad_norm_(self.params, clip)), clip)
+            # The norm after clipping is what the TA term needs: it is known here for free
+            # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip).clamp(max=clip)
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step(loss=loss, grad_norm=norm)
         self.scheduler.step()
