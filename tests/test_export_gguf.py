@@ -91,6 +91,18 @@ def test_llama_attention_rows_are_in_llama_cpp_order(tokenizer, tmp_path):
     assert heads * 2 * half == q.shape[0]
 
 
+def test_four_bit_file_keeps_the_lm_head_at_eight_bits(tokenizer, tmp_path):
+    _, model, folder = saved_tiny("llama", tmp_path, tokenizer)
+    path = tmp_path / "m.gguf"
+    info = write_gguf(model, tokenizer, folder / "model", path, "q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert info["tensor_types"]["Q8_0"] == 1
+    _, check = read_back(path, model, pruned_names(model))
+    assert check["zeros_kept"] == 1.0  # zero is on Q4_0's grid too
+
+
 def test_compress_from_a_gguf_keeps_its_metadata_and_tokenizer(tmp_path, tokenizer, data_dir, quick_recipe_file):
     source_dir = tmp_path / "src"
     model = build_model("llama", len(tokenizer))
