@@ -78,6 +78,30 @@ def test_written_file_reads_back_as_the_same_model(saved, tokenizer, kind):
     assert load_model(str(path)).tokenizer.encode(text) == AutoTokenizer.from_pretrained(folder / "model").encode(text)
 
 
+def test_sentencepiece_style_vocabulary_reads_back_the_same(tmp_path, data_dir):
+    """A BPE with byte fallback (Gemma's, Llama 2's kind) goes in as llama.cpp's `llama` vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator([(data_dir / "train.txt").read_text()],
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    spm = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    _, model, folder = saved_tiny("gemma3", tmp_path, spm)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, spm, folder / "model", path, "f16")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.token_type"].contents()[4] == gguf.TokenType.BYTE
+    text = (data_dir / "test.txt").read_text()[:2000] + " héllo wörld 😀"  # the emoji only encodes as bytes
+    assert load_model(str(path)).tokenizer.encode(text) == spm.encode(text)
+
+
 def test_llama_attention_rows_are_in_llama_cpp_order(tokenizer, tmp_path):
     _, model, folder = saved_tiny("llama", tmp_path, tokenizer)
     path = tmp_path / "m.gguf"

@@ -283,12 +283,12 @@ def _vocabulary(writer, tokenizer, model_dir: Path, vocab_size: int) -> None:
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and model.get("byte_fallback"):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)  # even when listed as added tokens, as llama.cpp's converter does
         elif i in added:
             tokens.append(token)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and model.get("byte_fallback"):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.UNKNOWN if token == model.get("unk_token") else gguf.TokenType.NORMAL)
