@@ -24,15 +24,25 @@ from .errors import TapcError
 GATE_FAILED = 3  # exit code of a run whose pruned model missed --max-ppl / --max-ppl-increase
 
 
-def _kinds(value: str | None) -> list[str] | None:
-    """`--quantize int8,int4` -> ["int8", "int4"]; `none` -> []."""
+def _kind_list(value: str | None, allowed, what: str) -> list[str] | None:
+    """`int8,int4` -> ["int8", "int4"]; `none` -> []; None (not given) stays None."""
     if value is None:
         return None
     kinds = [] if value.strip().lower() == "none" else [k.strip().lower() for k in value.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in ("int8", "int4")]
+    bad = [k for k in kinds if k not in allowed]
     if bad or len(set(kinds)) != len(kinds):
-        raise click.BadParameter(f"{value!r}: give int8, int4, int8,int4 or none")
+        raise click.BadParameter(f"{value!r}: give {what} from {', '.join(allowed)}, comma-separated, or none")
     return kinds
+
+
+def _kinds(value: str | None) -> list[str] | None:
+    return _kind_list(value, ("int8", "int4"), "quantized kinds")
+
+
+def _gguf_types(value: str | None) -> list[str] | None:
+    from .recipe import GGUF_TYPES
+
+    return _kind_list(value, GGUF_TYPES, "GGUF types")
 
 
 class TapcClickError(click.ClickException):
@@ -150,6 +160,9 @@ def cli():
 @click.option("--onnx/--no-onnx", "onnx", default=None, help="Write OUT/onnx/ (default: the recipe's export.onnx, on).")
 @click.option("--quantize", metavar="KINDS", callback=lambda c, p, v: _kinds(v),
               help="Quantized ONNX copies: int8, int4, both (int8,int4) or none (default: the recipe's, both).")
+@click.option("--gguf", metavar="TYPES", callback=lambda c, p, v: _gguf_types(v),
+              help="GGUF files for llama.cpp/Ollama: f16, bf16, q8_0, q4_0, ... comma-separated, or none "
+                   "(default: the recipe's export.gguf, none).")
 @click.option("--seed", type=int, help="Random seed (a CPU run repeats exactly).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Steps between checkpoints (0: only on a signal).")
@@ -163,7 +176,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, method, start, steps, seq_len, eval_tokens, pattern, onnx, quantize, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, method, start, steps, seq_len, eval_tokens, pattern, onnx, quantize, gguf, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -180,7 +193,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, steps, s
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
         "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
-        "export.quantize": quantize, "prune.method": method, "prune.start": start,
+        "export.quantize": quantize, "export.gguf": gguf, "prune.method": method, "prune.start": start,
     }
     console = Console(stderr=True)
     gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)
@@ -257,10 +270,10 @@ def compare(runs, as_json, markdown, debug):
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--out", type=click.Path(), help="Where onnx*/ and sparse/ go (default: beside a folder named model, "
-              "else MODEL-export).")
-@click.option("--onnx/--no-onnx", default=True, show_default=True,
-              help="Write onnx/: the fp32 decoder with KV cache, checked against PyTorch.")
+@click.option("--out", type=click.Path(), help="Where onnx*/, sparse/ and gguf/ go (default: beside a folder named "
+              "model, else MODEL-export).")
+@click.option("--onnx/--no-onnx", default=None,
+              help="Write onnx/: the fp32 decoder with KV cache, checked against PyTorch (default: on, unless --gguf).")
 @click.option("--quantize", metavar="KINDS", default="int8,int4", show_default=True, callback=lambda c, p, v: _kinds(v),
               help="Quantized copies onnx-int8/, onnx-int4/: int8, int4, int8,int4 or none.")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
@@ -270,26 +283,35 @@ def compare(runs, as_json, markdown, debug):
 @click.option("--seq-len", type=click.IntRange(min=2), help="Window length with --dataset (default: the model's "
               "context, at most 1024).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="With --dataset, evaluate only the first N test tokens.")
-@click.option("--sparse/--no-sparse", default=True, show_default=True, help="Write sparse/: non-zero values plus a bitmask.")
+@click.option("--sparse/--no-sparse", default=None,
+              help="Write sparse/: non-zero values plus a bitmask (default: on, unless --gguf).")
+@click.option("--gguf", metavar="TYPES", callback=lambda c, p, v: _gguf_types(v),
+              help="Write gguf/model-TYPE.gguf for llama.cpp, Ollama and LM Studio: f16, bf16, q8_0, q4_0, q4_1, "
+                   "q5_0, q5_1 or f32, comma-separated; alone, only the GGUF files are written.")
+@click.option("--gguf-base", type=click.Path(), help="Copy the GGUF metadata and tokenizer from this .gguf (default: "
+              "the .gguf the run started from, when its model records one).")
 @click.option("--atol", type=click.FloatRange(min=0.0, min_open=True), default=1e-3, show_default=True,
               help="Largest accepted |logit difference| between ONNX and PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing onnx*/ or sparse/ folders.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def export(model, out, onnx, quantize, int4_block_size, dataset, seq_len, eval_tokens, sparse, atol, as_json,
-           overwrite, debug):
-    """Export a saved MODEL directory to ONNX with a KV cache (fp32, int8, int4) and the compact sparse format."""
+def export(model, out, onnx, quantize, int4_block_size, dataset, seq_len, eval_tokens, sparse, gguf, gguf_base, atol,
+           as_json, overwrite, debug):
+    """Export a saved MODEL directory to ONNX with a KV cache (fp32, int8, int4), the compact sparse format and GGUF."""
     from .export import export_lines, export_model
     from .recipe import ExportConfig
 
     console = Console(stderr=True)
 
     def job():
-        config = ExportConfig(onnx=onnx, quantize=quantize if onnx else [], sparse=sparse, onnx_atol=atol,
+        default = not gguf  # --gguf alone writes only the GGUF files
+        with_onnx = default if onnx is None else onnx
+        config = ExportConfig(onnx=with_onnx, quantize=quantize if with_onnx else [],
+                              sparse=default if sparse is None else sparse, gguf=gguf or [], onnx_atol=atol,
                               int4_block_size=int(int4_block_size))
         with ProgressView(console) as view:
             return export_model(model, out, config=config, dataset=dataset, seq_len=seq_len, max_tokens=eval_tokens,
-                                overwrite=overwrite, progress=view)
+                                gguf_base=gguf_base, overwrite=overwrite, progress=view)
 
     result = run_job(debug, job)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else "\n".join(export_lines(result)))
@@ -396,7 +418,7 @@ def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, 
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def report(model, pattern, as_json, debug):
-    """Per-layer sparsity of a saved MODEL directory (or sparse/ folder), counted from its weights.
+    """Per-layer sparsity of a saved MODEL directory, sparse/ folder or .gguf file, counted from its weights.
 
     Exits 1 if an N:M pattern does not hold in every group.
     """

@@ -193,18 +193,41 @@ def _export_lines(exported: dict) -> list[str]:
         q = exported.get(kind)
         if not q:
             continue
-        diverge = ", ".join("same" if g["identical"] else f"from token {g['diverges_at']}" for g in q["greedy"])
+        diverge = _divergence(q["greedy"])
         quality = ([f"{q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%})", f"{q['top1_agreement']:.1%}"]
                    if "perplexity" in q else ["not measured", "not measured"])
         rows.append([f"`{q['path']}`", size(q["bytes"]), f"{q['bytes_ratio']:.3f}", *quality, diverge, q["projections"]])
     if rows:
         lines += _table(["model", "size", "× fp32", "perplexity (vs PyTorch)", "top-1 agreement",
                          "greedy text vs PyTorch", "weights"], rows, align="lrrrrll") + [""]
+    lines += _gguf_lines(exported.get("gguf", {}))
     sparse = exported.get("sparse")
     if sparse:
         lines += [f"`{sparse['path']}`: {size(sparse['bytes'])}, {sparse['file_ratio']:.3f} of the dense file "
                   "(non-zero values and a bitmask; restores the weights exactly).", ""]
     return lines
+
+
+def _gguf_lines(ggufs: dict) -> list[str]:
+    """The GGUF files, each as transformers' GGUF loader reads it back."""
+    if "error" in ggufs:
+        return [f"**The GGUF export failed**: {ggufs['error']}", ""]
+    rows = [[f"`{g['path']}`", size(g["bytes"]), f"{g['bytes_ratio']:.3f}",
+             f"{g['perplexity']['ppl']:.3f} ({g['ppl_increase']:+.1%})" if "perplexity" in g else "not measured",
+             f"{g['top1_agreement']:.1%}" if "perplexity" in g else "not measured",
+             f"{g['max_abs_logit_diff']:.2g}", f"{g['zeros_kept']:.2%}", _divergence(g["greedy"])]
+            for g in ggufs.values()]
+    if not rows:
+        return []
+    first = next(iter(ggufs.values()))
+    return [f"GGUF for llama.cpp, Ollama and LM Studio ({first['architecture']}; metadata {first['metadata']}), "
+            "each read back with transformers' GGUF loader:", "",
+            *_table(["file", "size", "× safetensors", "perplexity (vs PyTorch)", "top-1 agreement",
+                     "max |logit diff|", "pruned zeros kept", "greedy text vs PyTorch"], rows, align="lrrrrrrl"), ""]
+
+
+def _divergence(greedy: list[dict]) -> str:
+    return ", ".join("same" if g["identical"] else f"from token {g['diverges_at']}" for g in greedy)
 
 
 def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str] | None = None,

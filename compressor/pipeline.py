@@ -12,11 +12,12 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as dist
-from .export import Evaluation, export_artifacts, export_lines, onnx_error
+from .export import Evaluation, export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
 from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
+from .export.gguf import gguf_architecture, source_metadata
 from .markdown import render_markdown
 from .models import load_model, model_context
 from .plots import write_plots
@@ -106,6 +107,8 @@ def compress(
     notify({"stage": "load", "model": model})
     loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     net, tokenizer = loaded.model.to(device), loaded.tokenizer
+    if recipe.export.gguf:
+        gguf_architecture(net)  # an unsupported model for export.gguf fails now, not after training
     seq_len, eval_len = _seq_lens(recipe, net)
     notify({"stage": "data", "dataset": recipe.data.dataset})
     data = _prepare_data(recipe, tokenizer, seq_len)
@@ -176,8 +179,8 @@ def compress(
     checkpoint.remove(ckpt_dir)
     dist.barrier()
     result = Result(report=report, output=out)
-    if onnx_error(report["export"]):
-        raise ExportError(f"{onnx_error(report['export'])}; everything else is in {out}", result)
+    if export_error(report["export"]):
+        raise ExportError(f"{export_error(report['export'])}; everything else is in {out}", result)
     return result
 
 
@@ -190,6 +193,7 @@ def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, lo
         "tapc.sparsity": f"{sparsity['prunable_sparsity']:.6f}",
         "tapc.pruned_tensors": json.dumps(pruned_names),
         "tapc.recipe": json.dumps(report["recipe"]),
+        **source_metadata(report["model"]),  # a .gguf source: its metadata and tokenizer go into OUT/gguf/
     }
     save_model(net, tokenizer, stage / "model", metadata)
     report["export"] = export_artifacts(net, tokenizer, stage / "model", stage, recipe.export, pruned_names,

@@ -131,8 +131,11 @@ class EvalConfig(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the `gguf` package writes
+
+
 class ExportConfig(_Section):
-    """What `compress` writes besides the safetensors model (OUT/onnx*/, OUT/sparse/)."""
+    """What `compress` writes besides the safetensors model (OUT/onnx*/, OUT/sparse/, OUT/gguf/)."""
 
     onnx: bool = Field(True, description="write OUT/onnx/: the fp32 decoder with KV cache, checked against PyTorch")
     quantize: list[Literal["int8", "int4"]] = Field(
@@ -143,6 +146,9 @@ class ExportConfig(_Section):
     calibration_windows: int = Field(32, ge=0, description="training windows GPTQ calibrates int4 on; 0 = round-to-nearest")
     onnx_atol: float = Field(1e-3, gt=0.0, description="max absolute logit difference ONNX vs PyTorch")
     sparse: bool = Field(True, description="write OUT/sparse/: non-zero values plus a bitmask")
+    gguf: list[Literal[GGUF_TYPES]] = Field(
+        [], description="OUT/gguf/model-TYPE.gguf for llama.cpp, Ollama and LM Studio, one per type (Llama, Gemma-3, "
+                        "GPT-2)")
 
     @model_validator(mode="before")
     @classmethod
@@ -153,8 +159,10 @@ class ExportConfig(_Section):
 
     @model_validator(mode="after")
     def _no_repeats(self) -> ExportConfig:
-        if len(set(self.quantize)) != len(self.quantize):
-            raise ValueError(f"export.quantize lists a kind twice: {self.quantize}")
+        for key in ("quantize", "gguf"):
+            kinds = getattr(self, key)
+            if len(set(kinds)) != len(kinds):
+                raise ValueError(f"export.{key} lists a kind twice: {kinds}")
         return self
 
 

@@ -144,6 +144,15 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, dict]:
     return tensors, "safetensors", meta
 
 
+def _read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """A GGUF as transformers dequantizes it: its tensors by Hugging Face name, the projections' input dims, bytes."""
+    from .models import load_model, prunable_weights
+
+    model = load_model(str(path)).model
+    dims = {f"{name}.weight": input_dim(module) for name, module in prunable_weights(model).items()}
+    return dict(model.state_dict()), dims, path.stat().st_size
+
+
 def _metadata(file: Path) -> dict:
     from safetensors import safe_open
 
@@ -172,16 +181,19 @@ def inspect_checkpoint(spec: str, pattern: str | None = None) -> dict:
     `pattern` is checked if given; otherwise the pattern the run recorded (if any).
     """
     path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise UsageError(f"{spec} is not a model directory; give OUT/model or OUT/sparse of a tapc run")
-    tensors, kind, meta = _read_tensors(path)
-    dims = _projections(path)
+    if path.suffix == ".gguf" and path.is_file():
+        tensors, dims, size = _read_gguf(path)
+        kind, meta = "gguf", {}
+    elif not path.is_dir():
+        raise UsageError(f"{spec} is not a model directory or .gguf file; give OUT/model, OUT/sparse or a GGUF")
+    else:
+        tensors, kind, meta = _read_tensors(path)
+        dims, size = _projections(path), sum(p.stat().st_size for p in path.glob("*.safetensors"))
     missing = [name for name in dims if name not in tensors]
     if missing:
         raise UsageError(f"{spec} lacks the weight {missing[0]} that its config.json implies; is the folder complete?")
     names = list(dims)
-    report = {"path": str(path), "format": kind, "sparsity": sparsity_summary(tensors, names),
-              "bytes": sum(p.stat().st_size for p in path.glob("*.safetensors"))}
+    report = {"path": str(path), "format": kind, "sparsity": sparsity_summary(tensors, names), "bytes": size}
     claimed = None
     if meta.get("tapc.recipe"):
         claimed = json.loads(meta["tapc.recipe"]).get("prune", {}).get("pattern")

@@ -6,13 +6,15 @@
                     against PyTorch (parity.py)
     OUT/onnx-int8/  weight-only int8 and int4 copies (quantize.py), each a folder that
     OUT/onnx-int4/  onnxruntime-genai and `tapc generate` run as it is
+    OUT/gguf/       model-TYPE.gguf for llama.cpp, Ollama and LM Studio, read back with
+                    transformers and measured (gguf.py)
 
 `export_artifacts` is the call `compress` makes after saving `OUT/model/`;
 `export_model` does the same for any saved model directory (`tapc export`).
 
-An ONNX failure never takes the other outputs with it: the sparse artifact and the
-safetensors model stay, the report records the error, and the caller raises it once
-everything else is written.
+An ONNX or GGUF failure never takes the other outputs with it: the sparse artifact and
+the safetensors model stay, the report records the error, and the caller raises it
+once everything else is written.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ class Evaluation:
     reference: object  # Perplexity of the PyTorch model
     reference_top1: list
 
+    def measure(self, model_like) -> dict:
+        """Perplexity of `model_like`, its change from the PyTorch model's, and their top-1 agreement."""
+        from ..evaluate import top1_agreement
+
+        top1: list = []
+        ppl = self.run(model_like, top1)
+        return {"perplexity": ppl.to_dict(), "ppl_increase": ppl.ppl / self.reference.ppl - 1.0,
+                "top1_agreement": top1_agreement(top1, self.reference_top1)}
+
 
 def onnx_folders(kinds) -> list[str]:
     return ["onnx", *(f"onnx-{kind}" for kind in kinds)]
@@ -48,11 +59,11 @@ def onnx_folders(kinds) -> list[str]:
 
 def export_artifacts(model, tokenizer, model_dir: Path, out: Path, config: ExportConfig, pruned: list[str], *,
                      evaluation: Evaluation | None = None, calibration: torch.Tensor | None = None,
-                     progress=None) -> dict:
-    """Write `out/sparse/` and the ONNX folders for `model`, already saved in `model_dir`.
+                     gguf_base: Path | None = None, progress=None) -> dict:
+    """Write `out/sparse/`, the ONNX folders and `out/gguf/` for `model`, already saved in `model_dir`.
 
-    An ONNX error is returned as `{"onnx": {"error": ...}}` with every ONNX folder
-    removed, so that the caller can keep everything else and raise it afterwards.
+    An ONNX or GGUF error is returned as `{"onnx": {"error": ...}}` (or "gguf") with
+    its folders removed, so that the caller can keep everything else and raise it afterwards.
     """
     notify = progress or (lambda event: None)
     result: dict = {}
@@ -68,6 +79,15 @@ def export_artifacts(model, tokenizer, model_dir: Path, out: Path, config: Expor
             for name in QUANTIZED:
                 result.pop(name, None)
             result["onnx"] = {"error": str(exc)}
+    if config.gguf:
+        from .gguf import export_gguf
+
+        try:
+            result["gguf"] = export_gguf(model, tokenizer, model_dir, out / "gguf", config.gguf, pruned,
+                                         base=gguf_base, evaluation=evaluation, notify=notify)
+        except (JobError, UsageError) as exc:
+            shutil.rmtree(out / "gguf", ignore_errors=True)
+            result["gguf"] = {"error": str(exc)}
     return result
 
 
@@ -106,7 +126,6 @@ def write_onnx(model, tokenizer, model_dir: Path, out: Path, config: ExportConfi
 def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluation: Evaluation | None,
                     calibration: torch.Tensor | None, reference, prompts, tokenizer, fp32_bytes: int, notify) -> dict:
     """`out/onnx-KIND/`: the quantized decoder, its size, and how far its predictions move from fp32."""
-    from ..evaluate import top1_agreement
     from ..generation import OnnxDecoder
     from ..models import prunable_weights
     from ..patterns import as_rows
@@ -137,10 +156,7 @@ def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluatio
     info["greedy"] = check_greedy(reference, decoder, prompts, tokenizer)
     if evaluation is not None:
         notify({"stage": f"eval-{kind}"})
-        top1: list = []
-        ppl = evaluation.run(decoder, top1)
-        info.update(perplexity=ppl.to_dict(), ppl_increase=ppl.ppl / evaluation.reference.ppl - 1.0,
-                    top1_agreement=top1_agreement(top1, evaluation.reference_top1))
+        info.update(evaluation.measure(decoder))
     return info
 
 
@@ -177,29 +193,45 @@ def export_lines(exported: dict) -> list[str]:
     for kind in QUANTIZED:
         if kind in exported:
             q = exported[kind]
-            quality = ""
-            if "perplexity" in q:
-                quality = (f", perplexity {q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%}), top-1 agreement "
-                           f"{q['top1_agreement']:.1%}")
+            quality = _quality(q)
             lines.append(f"onnx {kind:<12} {q['path']}: {q['bytes'] / mb:.1f} MB ({q['bytes_ratio']:.3f} of fp32)"
                          f"{quality}")
+    ggufs = exported.get("gguf", {})
+    if "error" in ggufs:
+        lines.append(f"gguf              FAILED: {ggufs['error']}")
+    for kind, g in ({} if "error" in ggufs else ggufs).items():
+        quality = _quality(g) or f", max |logit diff| vs PyTorch {g['max_abs_logit_diff']:.2g}"
+        same = sum(r["identical"] for r in g["greedy"])
+        lines.append(f"gguf {kind:<12} {g['path']}: {g['bytes'] / mb:.1f} MB ({g['bytes_ratio']:.3f} of the "
+                     f"safetensors){quality}, pruned zeros kept {g['zeros_kept']:.2%}, greedy text identical for "
+                     f"{same}/{len(g['greedy'])} prompts")
     return lines
 
 
-def onnx_error(exported: dict) -> str | None:
-    return exported.get("onnx", {}).get("error")
+def _quality(q: dict) -> str:
+    if "perplexity" not in q:
+        return ""
+    return (f", perplexity {q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%}), top-1 agreement "
+            f"{q['top1_agreement']:.1%}")
+
+
+def export_error(exported: dict) -> str | None:
+    """The export errors (ONNX, GGUF) joined into one line, or None."""
+    errors = [exported.get(key, {}).get("error") for key in ("onnx", "gguf")]
+    return "; ".join(e for e in errors if e) or None
 
 
 def export_model(model_dir: str | Path, out: str | Path | None = None, *, config: ExportConfig | None = None,
                  dataset: str | None = None, seq_len: int | None = None, max_tokens: int | None = None,
-                 overwrite: bool = False, progress=None) -> dict:
-    """Export a saved model directory to `OUT/sparse/` and the ONNX folders (`tapc export`).
+                 gguf_base: str | Path | None = None, overwrite: bool = False, progress=None) -> dict:
+    """Export a saved model directory to `OUT/sparse/`, the ONNX folders and `OUT/gguf/` (`tapc export`).
 
     The default OUT is the parent of a folder named `model` (where `compress` puts
     them), else `MODEL-export`. With a `dataset`, the int4 model is calibrated (GPTQ) on
-    its training text and every ONNX model's perplexity and top-1 agreement are measured
-    on its test text by the protocol of `compress`. Each folder appears whole or not at
-    all; an ONNX failure raises `JobError` after the sparse artifact is written.
+    its training text and every ONNX and GGUF model's perplexity and top-1 agreement are
+    measured on its test text by the protocol of `compress`. Each folder appears whole
+    or not at all; an ONNX or GGUF failure raises `JobError` after the rest is written.
+    `gguf_base`: a `.gguf` whose metadata and tokenizer the GGUF files copy.
     """
     from ..models import load_model, prunable_weights
 
@@ -207,20 +239,27 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, *, config
     if not model_dir.is_dir() or not list(model_dir.glob("*.safetensors")):
         raise UsageError(f"{model_dir} is not a saved model directory with *.safetensors; give OUT/model of a run")
     config = config or ExportConfig()
-    if not (config.onnx or config.sparse):
-        raise UsageError("nothing to export: enable --onnx or --sparse")
+    if not (config.onnx or config.sparse or config.gguf):
+        raise UsageError("nothing to export: enable --onnx, --sparse or --gguf")
+    if gguf_base is not None and not (str(gguf_base).endswith(".gguf") and Path(gguf_base).is_file()):
+        raise UsageError(f"--gguf-base {gguf_base} is not a .gguf file; give the GGUF the model came from")
     if out is None:
         out = model_dir.parent if model_dir.resolve().name == "model" else model_dir.with_name(f"{model_dir.name}-export")
     out = Path(out)
-    folders = (["sparse"] if config.sparse else []) + (onnx_folders(config.quantize) if config.onnx else [])
+    folders = ((["sparse"] if config.sparse else []) + (onnx_folders(config.quantize) if config.onnx else [])
+               + (["gguf"] if config.gguf else []))
     for name in folders:
         check_output_dir(out / name, overwrite)
     notify = progress or (lambda event: None)
     notify({"stage": "load", "model": str(model_dir)})
     loaded = load_model(str(model_dir))
     model, tokenizer = loaded.model, loaded.tokenizer
+    if config.gguf:
+        from .gguf import gguf_architecture
+
+        gguf_architecture(model)  # an unsupported model fails here, before anything is written
     evaluation = calibration = None
-    if dataset is not None and config.onnx:
+    if dataset is not None and (config.onnx or config.gguf):
         evaluation, calibration = _measure_with(model, tokenizer, dataset, seq_len, max_tokens, config, notify)
     pruned = [f"{name}.weight" for name in prunable_weights(model)]
     result: dict = {"model": str(model_dir), "output": str(out)}
@@ -228,7 +267,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, *, config
     stage = Path(tempfile.mkdtemp(prefix=".export-partial-", dir=out))
     try:  # written beside their place, each folder renamed into it once all are done
         exported = export_artifacts(model, tokenizer, model_dir, stage, config, pruned, evaluation=evaluation,
-                                    calibration=calibration, progress=notify)
+                                    calibration=calibration, gguf_base=gguf_base and Path(gguf_base),
+                                    progress=notify)
         for name in folders:
             if (stage / name).is_dir():
                 shutil.rmtree(out / name, ignore_errors=True)
@@ -239,7 +279,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, *, config
     if evaluation is not None:
         result["perplexity"] = evaluation.reference.to_dict()
     write_json(out / "export.json", result)
-    error = onnx_error(exported)
+    error = export_error(exported)
     if error:
         raise JobError(f"{error} ({out / 'sparse'} was written)" if config.sparse else error)
     return result
