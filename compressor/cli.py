@@ -391,9 +391,11 @@ class TokenStream:
 @click.option("--stride", type=click.IntRange(min=1), help="Sliding-window stride (default: non-overlapping windows).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--reference", metavar="MODEL", help="Also measure the drift from this model (usually the dense one): "
+              "mean KL(reference || MODEL) per token and top-1 agreement, on the same tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, debug):
+def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, reference, as_json, debug):
     """Perplexity of MODEL: a model directory, Hub id, .gguf, sparse/ folder, or .onnx file (or onnx*/ folder)."""
     from .evaluate import evaluate_model
 
@@ -402,7 +404,7 @@ def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, 
     def job():
         with ProgressView(console) as view:
             return evaluate_model(model, dataset, seq_len=seq_len, stride=stride, max_tokens=eval_tokens,
-                                  batch_size=batch_size, progress=view)
+                                  batch_size=batch_size, reference=reference, progress=view)
 
     result = run_job(debug, job)
     if as_json:
@@ -410,6 +412,9 @@ def evaluate(model, dataset, seq_len, stride, eval_tokens, batch_size, as_json, 
     else:
         ppl = result["perplexity"]
         click.echo(f"perplexity {ppl['ppl']:.4f}  ({ppl['tokens']:,} tokens; {ppl['protocol']})")
+        if ppl.get("kl") is not None:
+            click.echo(f"drift      KL(reference || model) {ppl['kl']:.4f} nats/token, top-1 agreement "
+                       f"{ppl['agreement']:.2%}  (reference: {reference})")
 
 
 @cli.command()

@@ -30,6 +30,9 @@ class Perplexity:
     seq_len: int
     stride: int | None
     max_tokens: int | None
+    # Against a reference model (`perplexity(..., reference=)`), e.g. the dense one: drift.
+    kl: float | None = None  # mean KL(reference || model) per predicted token (nats), full vocabulary
+    agreement: float | None = None  # fraction of predicted tokens where both models' top-1 token agrees
 
     @property
     def protocol(self) -> str:
@@ -72,12 +75,15 @@ def perplexity(
     device: torch.device | str = "cpu",
     progress=None,
     top1: list | None = None,
+    reference=None,
 ) -> Perplexity:
     """Perplexity of `model` on a 1-D token stream.
 
     Given a list as `top1`, the model's most likely next token at every scored position
     is appended to it (one tensor per window), in the order the tokens are scored, so
-    two models' predictions can be compared (`top1_agreement`).
+    two models' predictions can be compared (`top1_agreement`). Given a `reference`
+    model (same vocabulary), also how far `model` drifted from it on the same
+    positions: mean KL(reference || model) over the full vocabulary and top-1 agreement.
     """
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
@@ -86,7 +92,7 @@ def perplexity(
     spans = _spans(tokens.numel(), seq_len, stride)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, total_kl, agree = 0.0, 0, 0.0, 0
     # Windows of the same length are batched; only the last one can be shorter.
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
@@ -99,10 +105,15 @@ def perplexity(
             logits = model(input_ids=ids).logits.float()
             logp = F.log_softmax(logits[:, :-1], dim=-1)
             nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[j] predicts ids[j+1]
+            ref = None if reference is None else _reference_logp(reference, ids, logp.shape[-1])
             for row, (begin, _, first) in enumerate(chunk):
-                scored = nll[row, first - begin - 1 :]
+                at = slice(first - begin - 1, None)
+                scored = nll[row, at]
                 if top1 is not None:
                     top1.append(logits[row, first - begin - 1 : -1].argmax(-1).cpu())
+                if ref is not None:
+                    total_kl += (ref[row, at].exp() * (ref[row, at] - logp[row, at])).sum(-1).double().sum().item()
+                    agree += int((ref[row, at].argmax(-1) == logp[row, at].argmax(-1)).sum())
                 total_nll += scored.double().sum().item()
                 total_tokens += scored.numel()
             done += len(chunk)
@@ -110,10 +121,31 @@ def perplexity(
                 progress({"stage": "eval", "done": done, "total": len(spans)})
     model.train(was_training)
     mean = total_nll / total_tokens
+    drift = {} if reference is None else {"kl": total_kl / total_tokens, "agreement": agree / total_tokens}
     return Perplexity(
         ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(spans),
-        seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+        seq_len=seq_len, stride=stride, max_tokens=max_tokens, **drift,
     )
+
+
+def _reference_logp(reference, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The reference model's next-token log-probabilities for `ids` (all but the last position)."""
+    logits = reference(input_ids=ids.to(_device_of(reference))).logits.float()[:, :-1]
+    if logits.shape[-1] != vocab:
+        raise _vocabularies_differ(logits.shape[-1], vocab)
+    return F.log_softmax(logits, dim=-1).to(ids.device)
+
+
+def _vocabularies_differ(reference: int, model: int):
+    from .errors import UsageError
+
+    return UsageError(f"the reference model predicts {reference} tokens, the model {model}; give a reference with "
+                      "the same tokenizer (the dense model the run started from)")
+
+
+def _device_of(model) -> torch.device:
+    params = getattr(model, "parameters", None)
+    return next(params()).device if callable(params) else torch.device("cpu")
 
 
 def top1_agreement(predictions: list, reference: list) -> float:
@@ -138,8 +170,13 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int, device) -> float:
 
 
 def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None = None, stride: int | None = None,
-                   max_tokens: int | None = None, batch_size: int = 4, progress=None) -> dict:
-    """Perplexity of any saved model on the test split of `dataset` (SPEC protocol)."""
+                   max_tokens: int | None = None, batch_size: int = 4, reference: str | None = None,
+                   progress=None) -> dict:
+    """Perplexity of any saved model on the test split of `dataset` (SPEC protocol).
+
+    With `reference` (any model `open_decoder` reads, usually the dense one), also the
+    drift from it on the same tokens: mean KL(reference || model) and top-1 agreement.
+    """
     from .data import load_texts, tokenize
     from .errors import UsageError
     from .generation import open_decoder
@@ -160,6 +197,17 @@ def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None
     tokens = tokenize(tokenizer, texts.texts["test"])
     if tokens.numel() < 2:
         raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
+    ref_model = ref_source = None
+    if reference is not None:
+        notify({"stage": "load", "model": reference})
+        ref_decoder, _, ref_source = open_decoder(reference)
+        ref_model = ref_decoder.model if ref_decoder.kind == "pytorch" else ref_decoder
+        sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (ref_model, model)]
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise _vocabularies_differ(*sizes)
     result = perplexity(model, tokens, seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
-                        progress=lambda e: notify({**e, "stage": "eval"}))
-    return {"model": source, "dataset": texts.source, "perplexity": result.to_dict()}
+                        progress=lambda e: notify({**e, "stage": "eval"}), reference=ref_model)
+    out = {"model": source, "dataset": texts.source, "perplexity": result.to_dict()}
+    if ref_source is not None:
+        out["reference"] = ref_source
+    return out

@@ -62,3 +62,51 @@ def test_token_limit(setup):
     result = perplexity(model, stream, 16, max_tokens=32)
     assert result.tokens == 30 and result.max_tokens == 32
     assert "first 32 tokens" in result.protocol
+
+
+def test_drift_from_a_reference_matches_a_direct_computation(setup):
+    model, stream = setup
+    other = build_model("gpt2", 97, init_range=0.2)  # a different model over the same vocabulary
+    result = perplexity(model, stream, 16, stride=8, reference=other)
+    # By hand: each token scored once (sliding windows), KL(other || model) summed over the full vocabulary.
+    kl, agree, count, scored_to, begin = 0.0, 0, 0, 1, 0
+    with torch.no_grad():
+        while True:
+            end = min(begin + 16, 70)
+            ids = stream[None, begin:end]
+            p, q = (F.log_softmax(m(input_ids=ids).logits[0], -1) for m in (other, model))
+            for pos in range(max(scored_to, begin + 1), end):
+                row = pos - begin - 1
+                kl += float((p[row].exp() * (p[row] - q[row])).sum())
+                agree += int(p[row].argmax() == q[row].argmax())
+                count += 1
+            scored_to = end
+            if end == 70:
+                break
+            begin += 8
+    assert result.kl == pytest.approx(kl / count, rel=1e-4) and result.kl > 0
+    assert result.agreement == agree / count
+    itself = perplexity(model, stream, 16, reference=model)
+    assert itself.kl == pytest.approx(0.0, abs=1e-6) and itself.agreement == 1.0
+    assert perplexity(model, stream, 16).kl is None
+
+
+def test_eval_reference_from_the_command_line(tmp_path, tokenizer, data_dir):
+    import json
+
+    from .conftest import run_cli, save_tiny
+
+    dense = save_tiny(tmp_path / "dense", "llama", tokenizer)
+    other = save_tiny(tmp_path / "other", "llama", tokenizer, init_range=0.05)
+    args = ("--dataset", data_dir, "--seq-len", 32, "--eval-tokens", 200, "--json")
+    same = json.loads(run_cli("eval", dense, "--reference", dense, *args).stdout)["perplexity"]
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["agreement"] == 1.0
+    result = run_cli("eval", other, "--reference", dense, *args)
+    assert result.exit_code == 0, result.output
+    drift = json.loads(result.stdout)
+    assert drift["perplexity"]["kl"] > 0 and drift["reference"]["path"] == str(dense.resolve())
+    from compressor.export.folder import save_model
+
+    save_model(build_model("llama", 50), tokenizer, tmp_path / "small", {})  # another vocabulary
+    result = run_cli("eval", dense, "--reference", tmp_path / "small", *args)
+    assert result.exit_code == 2 and "same tokenizer" in result.output
