@@ -102,11 +102,9 @@ def base_file(metadata: dict[str, str]) -> Path | None:
     path = Path(source.get("path", ""))
     if source.get("kind") != "gguf" or not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return path if digest.hexdigest() == source.get("sha256") else None
+    from ..models import _sha256
+
+    return path if _sha256(path) == source.get("sha256") else None
 
 
 def write_gguf(model, tokenizer, model_dir: Path, path: Path, kind: str, *, base: Path | None = None) -> dict:
@@ -366,7 +364,6 @@ def export_gguf(model, tokenizer, model_dir: Path, folder: Path, kinds: list[str
     from .folder import directory_bytes, read_metadata
     from .parity import check_greedy, prompt_ids
 
-    gguf_architecture(model)  # before anything is written
     base = base or base_file(read_metadata(model_dir))
     dense_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) or directory_bytes(model_dir)
     result, reference, prompts = {}, TorchDecoder(model), prompt_ids(tokenizer)
