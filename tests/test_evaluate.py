@@ -65,8 +65,12 @@ def test_token_limit(setup):
 
 
 def test_drift_from_a_reference_matches_a_direct_computation(setup):
-    model, stream = setup
-    other = build_model("gpt2", 97, init_range=0.2)  # a different model over the same vocabulary
+    _, stream = setup
+    # Two models with sharp, partly agreeing predictions: one, and the same with noise on every weight.
+    model, other = build_model("gpt2", 97, init_range=0.2), build_model("gpt2", 97, init_range=0.2)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     result = perplexity(model, stream, 16, stride=8, reference=other)
     # By hand: each token scored once (sliding windows), KL(other || model) summed over the full vocabulary.
     kl, agree, count, scored_to, begin = 0.0, 0, 0, 1, 0
@@ -85,7 +89,8 @@ def test_drift_from_a_reference_matches_a_direct_computation(setup):
                 break
             begin += 8
     assert result.kl == pytest.approx(kl / count, rel=1e-4) and result.kl > 0
-    assert result.agreement == agree / count
+    # Batched and one-window forwards round differently (per CPU), which can swap a near-tied top-1: allow two.
+    assert result.agreement == pytest.approx(agree / count, abs=2 / count)
     itself = perplexity(model, stream, 16, reference=model)
     assert itself.kl == pytest.approx(0.0, abs=1e-6) and itself.agreement == 1.0
     assert perplexity(model, stream, 16).kl is None
