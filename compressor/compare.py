@@ -17,7 +17,8 @@ from .plots import model_name
 COLUMNS = [  # (key, header, right-aligned)
     ("run", "run", False), ("model", "model", False), ("sparsity", "sparsity", True),
     ("pattern", "pattern", False), ("dense_ppl", "dense PPL", True), ("pruned_ppl", "pruned PPL", True),
-    ("ppl_increase", "change", True), ("steps", "steps", True), ("seconds", "time", True),
+    ("ppl_increase", "change", True), ("kl", "KL to dense", True), ("agreement", "top-1 = dense", True),
+    ("loss", "loss", False), ("steps", "steps", True), ("seconds", "time", True),
 ]
 
 
@@ -50,6 +51,9 @@ def run_row(folder: Path, report: dict) -> dict:
         "dense_ppl": dense["ppl"],
         "pruned_ppl": pruned["ppl"],
         "ppl_increase": report["perplexity"]["increase"],
+        "kl": pruned.get("kl"),  # None in reports written before drift was measured
+        "agreement": pruned.get("agreement"),
+        "loss": report["recipe"]["train"].get("loss", "ce"),
         "eval": {"protocol": pruned["protocol"], "tokens": pruned["tokens"]},
         "steps": report["train"]["steps"],
         "seconds": report.get("seconds", report["train"]["seconds"]),
@@ -77,6 +81,8 @@ def _cells(row: dict) -> dict[str, str]:
         "run": row["run"], "model": row["model"], "pattern": row["pattern"],
         "sparsity": f"{row['sparsity']:.2%}", "dense_ppl": f"{row['dense_ppl']:.3f}",
         "pruned_ppl": f"{row['pruned_ppl']:.3f}", "ppl_increase": f"{row['ppl_increase']:+.1%}",
+        "kl": "-" if row["kl"] is None else f"{row['kl']:.4f}", "loss": row["loss"],
+        "agreement": "-" if row["agreement"] is None else f"{row['agreement']:.1%}",
         "steps": f"{row['steps']:,}", "seconds": duration(row["seconds"]),
     }
 

@@ -194,12 +194,12 @@ def _export_lines(exported: dict) -> list[str]:
         if not q:
             continue
         diverge = _divergence(q["greedy"])
-        quality = ([f"{q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%})", f"{q['top1_agreement']:.1%}"]
-                   if "perplexity" in q else ["not measured", "not measured"])
+        quality = ([f"{q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%})", f"{q['top1_agreement']:.1%}",
+                    _kl(q["perplexity"])] if "perplexity" in q else ["not measured"] * 3)
         rows.append([f"`{q['path']}`", size(q["bytes"]), f"{q['bytes_ratio']:.3f}", *quality, diverge, q["projections"]])
     if rows:
-        lines += _table(["model", "size", "× fp32", "perplexity (vs PyTorch)", "top-1 agreement",
-                         "greedy text vs PyTorch", "weights"], rows, align="lrrrrll") + [""]
+        lines += _table(["model", "size", "× fp32", "perplexity (vs PyTorch)", "top-1 agreement", "KL to dense",
+                         "greedy text vs PyTorch", "weights"], rows, align="lrrrrrll") + [""]
     lines += _gguf_lines(exported.get("gguf", {}))
     sparse = exported.get("sparse")
     if sparse:
@@ -215,6 +215,7 @@ def _gguf_lines(ggufs: dict) -> list[str]:
     rows = [[f"`{g['path']}`", size(g["bytes"]), f"{g['bytes_ratio']:.3f}",
              f"{g['perplexity']['ppl']:.3f} ({g['ppl_increase']:+.1%})" if "perplexity" in g else "not measured",
              f"{g['top1_agreement']:.1%}" if "perplexity" in g else "not measured",
+             _kl(g["perplexity"]) if "perplexity" in g else "not measured",
              f"{g['max_abs_logit_diff']:.2g}", f"{g['zeros_kept']:.2%}", _divergence(g["greedy"])]
             for g in ggufs.values()]
     if not rows:
@@ -222,12 +223,21 @@ def _gguf_lines(ggufs: dict) -> list[str]:
     first = next(iter(ggufs.values()))
     return [f"GGUF for llama.cpp, Ollama and LM Studio ({first['architecture']}; metadata {first['metadata']}), "
             "each read back with transformers' GGUF loader:", "",
-            *_table(["file", "size", "× safetensors", "perplexity (vs PyTorch)", "top-1 agreement",
-                     "max |logit diff|", "pruned zeros kept", "greedy text vs PyTorch"], rows, align="lrrrrrrl"), ""]
+            *_table(["file", "size", "× safetensors", "perplexity (vs PyTorch)", "top-1 agreement", "KL to dense",
+                     "max |logit diff|", "pruned zeros kept", "greedy text vs PyTorch"], rows, align="lrrrrrrrl"), ""]
+
+
+def _kl(ppl: dict) -> str:
+    """KL(dense || model) of a perplexity measured against the dense model; "-" when it was not."""
+    return "-" if ppl.get("kl") is None else f"{ppl['kl']:.4f}"
 
 
 def _divergence(greedy: list[dict]) -> str:
     return ", ".join("same" if g["identical"] else f"from token {g['diverges_at']}" for g in greedy)
+
+
+_LOSSES = {"ce": "cross-entropy on the training text, which adapts the model to that text",
+           "kd": "distillation from the dense model", "ce+kd": "cross-entropy plus distillation from the dense model"}
 
 
 def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str] | None = None,
@@ -246,6 +256,10 @@ def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str]
         f"steps of pruning and recovery in {duration(report.get('seconds', train['seconds']))}.",
         "",
     ]
+    if pruned.get("kl") is not None:
+        lines += [f"**Drift from the dense model: KL {pruned['kl']:.4f} nats/token, top-1 agreement "
+                  f"{pruned['agreement']:.1%}** on the same test tokens (recovery loss: "
+                  f"{_LOSSES[recipe['train'].get('loss', 'ce')]}).", ""]
     sizes = report.get("size", {})
     size_text = f"{count(sp['nonzero_params'])} non-zero of {count(sp['total_params'])} parameters"
     if "model_bytes" in sizes:

@@ -14,6 +14,7 @@ from . import __version__, checkpoint
 from . import distributed as dist
 from .export import Evaluation, export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
+from .distill import teacher_copy, uses_teacher
 from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
@@ -118,12 +119,12 @@ def compress(
     if saved:
         checkpoint.verify(saved, fingerprint, ckpt_dir)
 
-    def evaluate(stage: str, model=None, top1: list | None = None) -> Perplexity:
+    def evaluate(stage: str, model=None, top1: list | None = None, reference=None) -> Perplexity:
         notify({"stage": stage})
         return perplexity(
             net if model is None else model, data["test"], eval_len, stride=recipe.eval.stride,
             max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size, device=device,
-            progress=lambda e: notify({**e, "stage": stage}), top1=top1,
+            progress=lambda e: notify({**e, "stage": stage}), top1=top1, reference=reference,
         )
 
     val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
@@ -134,7 +135,11 @@ def compress(
         dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
 
     extra = {"fingerprint": fingerprint, "dense": {"ppl": asdict(dense), "val_loss": dense_val_loss}}
-    steps, pruner, log = _recover(net, recipe, data, device, dense_val_loss, ckpt_dir, extra, saved, notify, stop)
+    # The dense model, taken before pruning (a resumed run reloaded it above): the teacher of
+    # a distillation loss, and the reference every output's drift is measured against.
+    teacher = teacher_copy(net) if uses_teacher(recipe.train) else None
+    steps, pruner, log = _recover(net, recipe, data, device, dense_val_loss, ckpt_dir, extra, saved, notify, stop,
+                                  teacher)
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
     pruned_names = [f"{name}.weight" for name in pruner.modules]
     pruner.finalize()
@@ -143,9 +148,13 @@ def compress(
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
+    if teacher is None:  # cross-entropy runs do not keep the dense model while training: load it again
+        notify({"stage": "load", "model": model})
+        teacher = teacher_copy(load_model(model, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle).model.to(device))
     pruned_top1: list = []  # the fp32 model's predictions, for the quantized models' top-1 agreement
-    pruned = evaluate("eval-pruned", top1=pruned_top1)
-    evaluation = Evaluation(lambda model, top1: evaluate("eval-quantized", model, top1), pruned, pruned_top1)
+    pruned = evaluate("eval-pruned", top1=pruned_top1, reference=teacher)
+    evaluation = Evaluation(lambda model, top1: evaluate("eval-quantized", model, top1, teacher), pruned, pruned_top1)
 
     notify({"stage": "save", "output": str(out)})
     sparsity = sparsity_summary(model_tensors(net), pruned_names)
@@ -212,7 +221,7 @@ def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, lo
 
 
 def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckpt_dir: Path, extra: dict,
-             saved: dict | None, notify, stop):
+             saved: dict | None, notify, stop, teacher):
     """Prune while training, with checkpoints, roll-backs and resume; returns (steps, pruner, log)."""
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(data["train"]))
@@ -220,7 +229,7 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
     pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=not saved,
                           progress=lambda e: notify({**e, "stage": "oneshot"}))
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
-    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device)
+    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device, teacher)
     trainer.log.mask_updates.extend(pruner.history)  # a one-shot mask: the update at step 0
     if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
         dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])

