@@ -72,7 +72,7 @@ class ProgressView:
     """Renders the library's progress events with rich on stderr."""
 
     LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
-              "train": "pruning + recovery", "oneshot": "one-shot pruning, layer by layer", "eval-pruned": "pruned perplexity", "save": "saving",
+              "train": "pruning + recovery", "oneshot": "one-shot pruning, layer by layer", "self-distill": "dense model answering instruction prompts", "eval-pruned": "pruned perplexity", "save": "saving",
               "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX with KV cache, checking it",
               "export-int8": "int8 ONNX", "export-int4": "int4 ONNX", "calibrate-int4": "GPTQ calibration (int4)",
               "eval-int8": "int8 ONNX perplexity", "eval-int4": "int4 ONNX perplexity",

@@ -17,7 +17,7 @@ from .plots import model_name
 COLUMNS = [  # (key, header, right-aligned)
     ("run", "run", False), ("model", "model", False), ("sparsity", "sparsity", True),
     ("pattern", "pattern", False), ("dense_ppl", "dense PPL", True), ("pruned_ppl", "pruned PPL", True),
-    ("ppl_increase", "change", True), ("kl", "KL to dense", True), ("agreement", "top-1 = dense", True),
+    ("ppl_increase", "change", True), ("kl", "KL to dense", True), ("agreement", "top-1 agree", True),
     ("loss", "loss", False), ("steps", "steps", True), ("seconds", "time", True),
 ]
 

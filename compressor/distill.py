@@ -10,16 +10,25 @@ The teacher is a frozen copy of the dense model taken before pruning, run on the
 batch in the same step without gradients: one extra forward pass per micro-batch and one
 more copy of the weights, nothing cached between steps. It is not checkpointed: a
 resumed run loads the dense model again and copies it before the checkpoint is applied.
+
+For instruct and chat models the training text alone rarely shows the behaviour users
+keep the model for: `data.self_distill: N` has the dense model answer the first N of
+tapc's instruction prompts (greedy, in its chat template) and mixes those conversations
+into the training windows, so the student is distilled on them too.
 """
 
 from __future__ import annotations
 
 import copy
+from importlib import resources
 
 import torch
 import torch.nn.functional as F
 
 from .recipe import TrainConfig
+
+HELD_OUT = 16  # the last prompts of tapc's instruction set are never trained on: drift is measured there
+ANSWER_TOKENS = 128  # longest teacher answer in self-distillation
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -57,3 +66,27 @@ def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig) -> tor
 def dense_loss(config: TrainConfig, dense_ce: float) -> float:
     """The dense model's value of the training loss, given its cross-entropy (its KL to itself is 0)."""
     return {"ce": dense_ce, "kd": 0.0, "ce+kd": (1.0 - config.kd_weight) * dense_ce}[config.loss]
+
+
+def instruction_prompts() -> list[str]:
+    """tapc's instruction prompts, in order (the last `HELD_OUT` only for measuring)."""
+    text = (resources.files("compressor") / "prompts" / "instructions.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def chat_stream(model, tokenizer, prompts: list[str], max_new_tokens: int = ANSWER_TOKENS) -> torch.Tensor:
+    """Each prompt as a user turn in the chat template, then `model`'s greedy answer; one token stream."""
+    from .generation import TorchDecoder, generate
+
+    decoder, stream = TorchDecoder(model), []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        stream += [*ids, *generate(decoder, list(ids), max_new_tokens, eos_token_id=tokenizer.eos_token_id).tokens]
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def mix_windows(train: torch.Tensor, extra: torch.Tensor, share: float) -> torch.Tensor:
+    """`train` plus `extra` repeated until it is about `share` of all windows (at least once)."""
+    repeats = max(1, round(share / (1.0 - share) * len(train) / max(1, len(extra))))
+    return torch.cat([train, extra.repeat(repeats, 1)])

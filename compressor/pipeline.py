@@ -14,7 +14,7 @@ from . import __version__, checkpoint
 from . import distributed as dist
 from .export import Evaluation, export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
-from .distill import teacher_copy, uses_teacher
+from .distill import chat_stream, instruction_prompts, mix_windows, teacher_copy, uses_teacher
 from .errors import ExportError, JobError, UsageError
 from .evaluate import Perplexity, mean_loss, perplexity
 from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
@@ -113,6 +113,9 @@ def compress(
     seq_len, eval_len = _seq_lens(recipe, net)
     notify({"stage": "data", "dataset": recipe.data.dataset})
     data = _prepare_data(recipe, tokenizer, seq_len)
+    if recipe.data.self_distill:
+        notify({"stage": "self-distill", "prompts": recipe.data.self_distill})
+        _add_self_distillation(net, tokenizer, recipe, data, seq_len)
     fingerprint = {"model": {k: loaded.source.get(k) for k in ("kind", "id", "revision", "sha256")},
                    "data": data["tokens_per_split"],
                    "recipe": recipe.model_dump(mode="json", exclude={"device"})}
@@ -254,6 +257,21 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
         raise Interrupted(exc.step, f"checkpoint in {ckpt_dir}; run the same command with --resume "
                                     "to continue") from None
     return steps, pruner, log
+
+
+def _add_self_distillation(net, tokenizer, recipe: Recipe, data: dict, seq_len: int) -> None:
+    """The dense model's answers to the first `data.self_distill` instruction prompts, into the training windows."""
+    count, share = recipe.data.self_distill, recipe.data.self_distill_share
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("data.self_distill needs a chat model (a tokenizer with a chat template); "
+                         "this one has none: set data.self_distill to 0")
+    stream = chat_stream(net, tokenizer, instruction_prompts()[:count])
+    if stream.numel() < seq_len:  # a few short answers: repeat them to fill one window
+        stream = stream.repeat(-(-seq_len // stream.numel()))
+    data["train"] = mix_windows(data["train"], windows(stream, seq_len), share)
+    data["tokens_per_split"]["self_distill"] = stream.numel()
+    data["notes"].append(f"self-distillation: the dense model's greedy answers to {count} instruction prompts "
+                         f"({stream.numel():,} tokens) make up {share:.0%} of the training windows")
 
 
 def _prepare_data(recipe: Recipe, tokenizer, seq_len: int) -> dict:

@@ -127,6 +127,11 @@ class TrainConfig(_Section):
 class DataConfig(_Section):
     dataset: str = Field("wikitext2", description="wikitext2 or a directory of train/validation/test.txt")
     seq_len: int | None = Field(None, ge=2, description="tokens per window; null = model context, at most 1024")
+    self_distill: int = Field(0, ge=0, le=48, description="chat models: the dense model's greedy answers to the "
+                                                           "first N of tapc's 64 instruction prompts join the "
+                                                           "training text (the last 16 are never used)")
+    self_distill_share: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of training windows those "
+                                                                         "conversations make up (repeated)")
 
 
 class EvalConfig(_Section):

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from compressor import compress, load_recipe
-from compressor.distill import dense_loss, kd_loss, recovery_loss, teacher_copy
+from compressor.distill import (chat_stream, dense_loss, instruction_prompts, kd_loss, mix_windows, recovery_loss,
+                                teacher_copy)
 from compressor.errors import UsageError
+from compressor.models import load_model
 from compressor.recipe import TrainConfig
 from compressor.train import Interrupted
 
-from .conftest import build_model, run_cli
+from .conftest import build_model, run_cli, save_tiny
 from .test_resume import _same
 
 
@@ -86,3 +88,29 @@ def test_distillation_keeps_the_model_closer_than_cross_entropy(gpt2_dir, data_d
 def test_unknown_loss_is_a_one_line_error(quick_recipe_file):
     with pytest.raises(UsageError, match="train.loss"):
         load_recipe(quick_recipe_file, {"train.loss": "mse"})
+
+
+def test_self_distillation_mixes_the_dense_models_answers_into_training(gpt2_dir, data_dir, quick_recipe_file,
+                                                                       tokenizer, tmp_path):
+    prompts = instruction_prompts()
+    assert len(prompts) == 64 and len(set(prompts)) == 64
+    train, extra = torch.zeros(90, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)
+    mixed = mix_windows(train, extra, 0.25)
+    assert len(mixed) == 90 + 30 and mixed[90:].eq(1).all()  # 30 of 120 windows: the share
+    chat = tmp_path / "chat-model"
+    save_tiny(chat, "llama", tokenizer, init_range=0.2)
+    (chat / "tokenizer_config.json").write_text(json.dumps({
+        **json.loads((chat / "tokenizer_config.json").read_text()),
+        "chat_template": "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}"}))
+    recipe = _recipe(quick_recipe_file, data_dir, "kd", **{"data.self_distill": 3})
+    report = compress(str(chat), recipe, tmp_path / "out").report
+    dense = load_model(str(chat))
+    stream = chat_stream(dense.model, dense.tokenizer, prompts[:3])  # greedy: the same answers again
+    assert report["dataset"]["tokens"]["self_distill"] == stream.numel() > 3 * 5
+    assert any("3 instruction prompts" in note for note in report["dataset"]["notes"])
+    # A model without a chat template: a one-line error before anything is trained or written.
+    bad = _recipe(quick_recipe_file, data_dir, "kd", **{"data.self_distill": 3})
+    with pytest.raises(UsageError, match="chat template"):
+        compress(str(gpt2_dir), bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
