@@ -71,8 +71,10 @@ def run_job(debug: bool, job: Callable):
 class ProgressView:
     """Renders the library's progress events with rich on stderr."""
 
-    LABELS = {"load": "loading model", "data": "tokenizing data", "eval-dense": "dense perplexity",
-              "train": "pruning + recovery", "oneshot": "one-shot pruning, layer by layer", "self-distill": "dense model answering instruction prompts", "eval-pruned": "pruned perplexity", "save": "saving",
+    LABELS = {"memory": "memory estimate", "load": "loading model", "data": "tokenizing data",
+              "eval-dense": "dense perplexity", "train": "pruning + recovery",
+              "oneshot": "one-shot pruning, layer by layer", "self-distill": "dense model answering instruction prompts",
+              "dry-run": "timing training steps", "eval-pruned": "pruned perplexity", "save": "saving",
               "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX with KV cache, checking it",
               "export-int8": "int8 ONNX", "export-int4": "int4 ONNX", "calibrate-int4": "GPTQ calibration (int4)",
               "eval-int8": "int8 ONNX perplexity", "eval-int4": "int4 ONNX perplexity",
@@ -125,6 +127,8 @@ class ProgressView:
                 f"step {update['step']}: mask update to {update['sparsity']:.2%} "
                 f"(alpha {update['alpha']:.3f}, pruned {update['pruned']:,}, regrown {update['regrown']:,})"
             )
+        if event.get("line"):
+            self.console.print(Text(event["line"]), soft_wrap=True)
         if event.get("warning"):
             # One line, whatever the width; Text keeps "tapc[plots]" from being read as markup.
             self.console.print(Text.assemble(("warning: ", "yellow"), event["warning"]), soft_wrap=True)
@@ -174,13 +178,15 @@ def cli():
               help=f"Quality gate: exit {GATE_FAILED} if pruned perplexity exceeds dense by more than PCT percent.")
 @click.option("--max-ppl", type=click.FloatRange(min=0, min_open=True), metavar="VALUE",
               help=f"Quality gate: exit {GATE_FAILED} if pruned perplexity exceeds VALUE.")
+@click.option("--dry-run", is_flag=True, help="Estimate memory, time a few training steps, print the plan and exit; "
+                                               "writes nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and any checkpoint) instead of refusing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, steps, seq_len, eval_tokens, pattern, onnx, quantize, gguf, seed, device,
-             checkpoint_every, resume, max_ppl_increase, max_ppl, as_json, overwrite, trust_remote_code,
+             checkpoint_every, resume, max_ppl_increase, max_ppl, dry_run, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
 
@@ -208,7 +214,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, st
             try:
                 return run_compress(model, recipe, out, overwrite=overwrite, resume=resume, gates=gates,
                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                    progress=view, stop=stop.is_set)
+                                    progress=view, stop=stop.is_set, dry_run=dry_run)
             except ExportError as exc:  # the rest was written: a CI job still gets its report
                 if as_json and exc.result is not None and exc.result.report:
                     click.echo(json.dumps(exc.result.report, indent=2, default=str))
@@ -217,11 +223,33 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, st
     result = run_job(debug, job)
     if not result.report:  # a non-main process of a distributed run: rank 0 reports
         return
+    if dry_run:
+        click.echo(json.dumps(result.report, indent=2) if as_json else _plan_lines(result.report))
+        return
     click.echo(json.dumps(result.report, indent=2, default=str) if as_json else result.table)
     if not result.report["gates"]["passed"]:
         for failure in result.report["gates"]["failures"]:
             click.echo(f"Error: quality gate failed: {failure}; the outputs are kept in {result.output}", err=True)
         sys.exit(GATE_FAILED)
+
+
+def _plan_lines(plan: dict) -> str:
+    from .memory import GB
+
+    mem = plan["memory_estimate"]
+    lines = [f"steps             {plan['steps']:,} ({plan['train_windows']:,} training windows)",
+             f"time per step     {plan['seconds_per_step']:.2f} s (median of {len(plan['timed_steps'])} timed steps "
+             f"on {plan['device']}); training about {plan['train_seconds_estimate'] / 60:.1f} min"]
+    if plan["oneshot_seconds"] is not None:
+        lines.append(f"one-shot pruning  {plan['oneshot_seconds']:.0f} s")
+    if mem:
+        free = f", {mem['available_bytes'] / GB:.1f} GB available" if mem["available_bytes"] else ""
+        lines.append(f"memory            estimate {mem['peak_bytes'] / GB:.2f} GB per process{free}; "
+                     f"{mem['state_bytes_per_param']:.1f} bytes of training state per parameter")
+    if plan["measured_peak_rss"]:
+        lines.append(f"measured          peak resident memory {plan['measured_peak_rss'] / GB:.2f} GB after the "
+                     "timed steps")
+    return "\n".join(lines)
 
 
 class stop_on_signals:

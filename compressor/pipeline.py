@@ -20,6 +20,7 @@ from .evaluate import Perplexity, mean_loss, perplexity
 from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
 from .export.gguf import gguf_architecture, source_metadata
 from .markdown import render_markdown
+from .memory import check_fits, peak_rss
 from .models import load_model, model_context
 from .plots import write_plots
 from .calibration import sample_windows
@@ -82,12 +83,16 @@ def compress(
     allow_pickle: bool = False,
     progress=None,
     stop=None,
+    dry_run: bool = False,
 ) -> Result:
     """Load, evaluate, prune while training, evaluate again, report and save `model`.
 
     `resume` continues from the checkpoint beside `out`; `stop()` (polled once per step)
     asks for a clean stop with a checkpoint, as the CLI does on SIGINT/SIGTERM.
     Under a distributed launcher every process calls this; rank 0 writes the outputs.
+    Before loading, the memory a process will need is estimated (`compressor.memory`);
+    a run that clearly cannot fit stops there. `dry_run` stops after a few timed
+    training steps and returns the plan (`Result.report`) without writing anything.
     """
     recipe = recipe or load_recipe()
     out = Path(out) if out else default_output(model, recipe)
@@ -105,6 +110,8 @@ def compress(
         device = torch.device("cuda", dist.local_rank())
         torch.cuda.set_device(device)
 
+    estimate = check_fits(model, recipe, device, dist.world_size(), trust_remote_code=trust_remote_code,
+                          notify=notify)
     notify({"stage": "load", "model": model})
     loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     net, tokenizer = loaded.model.to(device), loaded.tokenizer
@@ -131,6 +138,8 @@ def compress(
         )
 
     val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
+    if dry_run:
+        return Result(report=_dry_run(net, recipe, data, device, val, estimate, notify), output=out)
     if saved:  # the model in the checkpoint is no longer dense: take what was measured then
         dense, dense_val_loss = Perplexity(**saved["dense"]["ppl"]), saved["dense"]["val_loss"]
     else:
@@ -183,6 +192,7 @@ def compress(
                                    for u in log.mask_updates if u.get("method")), None),
                   "ta": "off" if not recipe.ta.enabled else f"target={recipe.ta.target}, space={recipe.ta.space}"},
         "gates": check_gates(dense.ppl, pruned.ppl, gates),
+        "memory_estimate": estimate.to_dict() if estimate else None,
         "output": str(out),
     }
     with staged_output(out, overwrite or resume) as stage:
@@ -257,6 +267,32 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
         raise Interrupted(exc.step, f"checkpoint in {ckpt_dir}; run the same command with --resume "
                                     "to continue") from None
     return steps, pruner, log
+
+
+def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, timed: int = 3) -> dict:
+    """The plan of the run: steps, seconds per step from a few real steps, memory; nothing is written."""
+    steps = total_steps(recipe, len(data["train"]))
+    dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else 0.0
+    teacher = teacher_copy(net) if uses_teacher(recipe.train) else None
+    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
+    started = time.perf_counter()
+    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=True,
+                          progress=lambda e: notify({**e, "stage": "oneshot"}))
+    oneshot_seconds = time.perf_counter() - started
+    trainer = Trainer(net, pruner, build_optimizer(net, recipe, pruner, dense_val_loss), data["train"], data["val"],
+                      recipe, steps, device, teacher)
+    times = []
+    for _ in range(min(timed, steps)):
+        notify({"stage": "dry-run", "step": len(times) + 1, "total": min(timed, steps), "loss": 0.0,
+                "sparsity": 0.0, "eta": 0.0})
+        begin = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - begin)
+    per_step = sorted(times[1:] or times)[len(times[1:] or times) // 2] if times else 0.0  # the first warms up
+    return {"dry_run": True, "steps": steps, "timed_steps": times, "seconds_per_step": per_step,
+            "train_seconds_estimate": per_step * steps, "oneshot_seconds": oneshot_seconds if pruner.history else None,
+            "train_windows": len(data["train"]), "memory_estimate": estimate.to_dict() if estimate else None,
+            "measured_peak_rss": peak_rss(), "device": str(device), "processes": dist.world_size()}
 
 
 def _add_self_distillation(net, tokenizer, recipe: Recipe, data: dict, seq_len: int) -> None:

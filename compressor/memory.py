@@ -1,0 +1,164 @@
+"""The memory bill of a run, before the model is loaded (issue 13).
+
+`estimate(spec, recipe)` reads only the model's config, builds the model on PyTorch's
+meta device (no memory) to count its parameters and prunable weights, and adds up what
+one process holds at the peak of a training step:
+
+    per parameter    fp32 weight 4, gradient 4, AdamW moments 8           = 16 bytes
+                     + the teacher's fp32 copy 4 (train.loss kd or ce+kd)
+    per prunable     Taylor score 4, mask 1, the masked weight w * mask   = 9 bytes
+    weight           the forward pass builds and keeps for backward 4
+    activations      batch x seq_len x layers x (10 hidden + 4 intermediate) floats kept
+                     for backward (a decoder layer: norms, q/k/v, attention output,
+                     residuals, the MLP's gate/up/activation/product), 4 bytes each
+    logits           batch x seq_len x vocabulary x 4 bytes, 4 copies for cross-entropy
+                     (logits, log-softmax, their gradients), 6 more with a teacher
+    runtime          Python, torch and transformers themselves, 0.6 GB
+
+and the peak of an evaluation pass (both models' weights, the pruner's state, eval batch
+x window x vocabulary x 4 bytes, 6 copies with the drift's reference). Exports (ONNX,
+GGUF) run after training, one model at a time, and are not included.
+The checkpoint, when written, clones the scores and masks (+5 bytes per prunable weight).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .recipe import Recipe
+
+GB = 1024**3
+RUNTIME = int(0.6 * GB)
+
+
+@dataclass
+class Estimate:
+    params: int
+    prunable: int
+    train: dict[str, int] = field(default_factory=dict)  # bytes by part, at the peak of a training step
+    eval: dict[str, int] = field(default_factory=dict)  # bytes by part, at the peak of an evaluation pass
+    device: str = "cpu"
+    available: int | None = None  # bytes free on the device (RAM for CPU runs), when known
+
+    @property
+    def peak(self) -> int:
+        return max(sum(self.train.values()), sum(self.eval.values()))
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        """Bytes per parameter of the training state: weights, gradients, moments, scores, masks, teacher."""
+        keys = ("weights", "gradients", "adam", "scores_masks", "teacher")
+        return sum(self.train.get(k, 0) for k in keys) / self.params
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "prunable": self.prunable, "train": self.train, "eval": self.eval,
+                "peak_bytes": self.peak, "state_bytes_per_param": self.state_bytes_per_param,
+                "device": self.device, "available_bytes": self.available}
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in self.train.items() if v)
+        free = f"; {self.available / GB:.1f} GB available on {self.device}" if self.available else ""
+        return (f"memory estimate: {self.peak / GB:.1f} GB per process at the peak (training step, GB: {parts}; "
+                f"{self.state_bytes_per_param:.1f} bytes of training state per parameter){free}")
+
+
+def meta_model(spec: str, trust_remote_code: bool = False):
+    """The model built from its config on the meta device: shapes without memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        location, kwargs = str(path.parent), {"gguf_file": path.name}
+    else:
+        location, kwargs = spec, {}
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # the loader that follows says what is wrong with the model, in its own words
+        return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = None,
+                 eval_len: int | None = None) -> Estimate:
+    """The estimate for a model (real or on the meta device) under `recipe` with `world` processes."""
+    from .models import model_context, prunable_weights
+
+    params = sum(p.numel() for p in model.parameters())
+    prunable = sum(m.weight.numel() for m in prunable_weights(model).values())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    vocab = config.vocab_size
+    seq_len = seq_len or recipe.data.seq_len or min(model_context(model) or 1024, 1024)
+    eval_len = eval_len or recipe.eval.seq_len or seq_len
+    tokens = max(1, recipe.train.batch_size // world) * seq_len
+    teacher = recipe.train.loss != "ce"
+    train = {
+        "weights": 4 * params,
+        "gradients": 4 * params,
+        "adam": 8 * params,
+        "scores_masks": 5 * prunable,
+        "teacher": 4 * params if teacher else 0,
+        "masked_weights": 4 * prunable,
+        "activations": 4 * tokens * layers * (10 * hidden + 4 * inter),
+        "logits": 4 * tokens * vocab * (10 if teacher else 4),
+        "checkpoint": 5 * prunable if recipe.train.checkpoint_every else 0,
+        "runtime": RUNTIME,
+    }
+    eval_tokens = recipe.eval.batch_size * eval_len
+    evaluation = {"weights": 8 * params, "scores_masks": 5 * prunable,
+                  "logits": 4 * eval_tokens * vocab * 6, "runtime": RUNTIME}
+    return Estimate(params=params, prunable=prunable, train=train, eval=evaluation)
+
+
+def check_fits(spec: str, recipe: Recipe, device: torch.device, world: int = 1, *, trust_remote_code: bool = False,
+               notify=None) -> Estimate | None:
+    """Estimate before loading; stop with a one-line error when it clearly cannot fit (the estimate
+    is 25% above what the device has free). None when the config cannot be read here."""
+    model = meta_model(spec, trust_remote_code)
+    if model is None:
+        return None
+    est = estimate_for(model, recipe, world)
+    est.device, est.available = str(device), available_bytes(device)
+    if notify:
+        notify({"stage": "memory", "estimate": est.to_dict(), "line": est.line()})
+    if est.available and est.peak > 1.25 * est.available and not os.environ.get("TAPC_IGNORE_MEMORY"):
+        hints = ["a smaller train.batch_size with train.grad_accum", "a shorter --seq-len"]
+        if recipe.train.loss != "ce":
+            hints.append("--loss ce (no teacher copy)")
+        raise UsageError(f"this run needs about {est.peak / GB:.1f} GB per process but {device} has "
+                         f"{est.available / GB:.1f} GB free; try {', '.join(hints)}, or a machine with more memory "
+                         "(TAPC_IGNORE_MEMORY=1 runs it anyway)")
+    return est
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory so far, in bytes (Linux/macOS)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except (ImportError, OSError):
+        return None

@@ -1,0 +1,62 @@
+"""The memory bill before loading (issue 13): counts from the config, the stop, --dry-run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compressor import compress, load_recipe, memory
+from compressor.errors import UsageError
+from compressor.memory import estimate_for, meta_model
+from compressor.models import load_model, prunable_weights
+
+from .conftest import run_cli
+
+
+def test_estimate_counts_the_real_model_from_its_config_alone(model_dir, quick_recipe_file):
+    meta = meta_model(str(model_dir))
+    real = load_model(str(model_dir)).model
+    recipe = load_recipe(quick_recipe_file)
+    est = estimate_for(meta, recipe)
+    assert est.params == sum(p.numel() for p in real.parameters())
+    assert est.prunable == sum(m.weight.numel() for m in prunable_weights(real).values())
+    assert est.train["weights"] == 4 * est.params and est.train["adam"] == 8 * est.params
+    assert est.train["teacher"] == 0
+    kd = estimate_for(meta, load_recipe(quick_recipe_file, {"train.loss": "kd"}))
+    assert kd.train["teacher"] == 4 * est.params and kd.peak > est.peak
+    assert kd.state_bytes_per_param == pytest.approx(est.state_bytes_per_param + 4)
+    bigger = estimate_for(meta, load_recipe(quick_recipe_file, {"train.batch_size": 8}))
+    assert bigger.train["activations"] == 4 * est.train["activations"]  # 8 windows instead of 2
+    assert estimate_for(meta, recipe, world=2).train["activations"] == est.train["activations"] // 2
+
+
+def test_a_run_that_cannot_fit_stops_before_loading(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1_000_000)
+    result = run_cli("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir,
+                     "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "GB per process" in line and "--seq-len" in line and "TAPC_IGNORE_MEMORY" in line
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("TAPC_IGNORE_MEMORY", "1")
+    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir)})
+    report = compress(str(gpt2_dir), recipe, tmp_path / "out").report
+    assert report["memory_estimate"]["state_bytes_per_param"] > 16
+    with pytest.raises(UsageError):  # and the same stop in the library
+        monkeypatch.delenv("TAPC_IGNORE_MEMORY")
+        compress(str(gpt2_dir), recipe, tmp_path / "again")
+
+
+def test_dry_run_times_steps_and_writes_nothing(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--out", out,
+                     "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] and plan["steps"] == 12 and len(plan["timed_steps"]) == 3
+    assert plan["seconds_per_step"] > 0 and plan["memory_estimate"]["peak_bytes"] > 0
+    assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+    text = run_cli("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--out", out,
+                   "--dry-run")
+    assert text.exit_code == 0 and "time per step" in text.stdout and "memory estimate" in text.stderr
