@@ -103,6 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsities", default="0.3,0.5")
     parser.add_argument("--losses", default="ce,kd,ce+kd")
     parser.add_argument("--self-distill", type=int, default=0, help="data.self_distill of these runs")
+    parser.add_argument("--runs-only", action="store_true", help="run, but leave the results for a later call")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")
     if not model:
@@ -113,6 +114,8 @@ def main(argv=None) -> None:
     for sparsity in args.sparsities.split(","):
         for loss in args.losses.split(","):
             run_one(model, runs, float(sparsity), loss, args.self_distill, Path(args.data))
+    if args.runs_only:
+        return
     dense = load_model(model)
     chat = chat_stream(dense.model, dense.tokenizer, instruction_prompts()[-HELD_OUT:])
     rows = sorted((row(f.parent, chat, dense.model) for f in runs.glob("*/report.json")),
