@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -283,12 +284,12 @@ def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, tim
                       recipe, steps, device, teacher)
     times = []
     for _ in range(min(timed, steps)):
-        notify({"stage": "dry-run", "step": len(times) + 1, "total": min(timed, steps), "loss": 0.0,
-                "sparsity": 0.0, "eta": 0.0})
+        notify({"stage": "dry-run", "done": len(times), "total": min(timed, steps)})
         begin = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - begin)
-    per_step = sorted(times[1:] or times)[len(times[1:] or times) // 2] if times else 0.0  # the first warms up
+    warm = times[1:] or times  # the first step warms up
+    per_step = statistics.median(warm) if warm else 0.0
     return {"dry_run": True, "steps": steps, "timed_steps": times, "seconds_per_step": per_step,
             "train_seconds_estimate": per_step * steps, "oneshot_seconds": oneshot_seconds if pruner.history else None,
             "train_windows": len(data["train"]), "memory_estimate": estimate.to_dict() if estimate else None,
