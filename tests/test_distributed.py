@@ -34,10 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("start", ["dense", "sparsegpt"])
-def test_two_processes_match_one(no_dropout_model, data_dir, quick_recipe_file, tmp_path, start):
+@pytest.mark.parametrize("start,loss", [("dense", "ce"), ("sparsegpt", "ce+kd")])
+def test_two_processes_match_one(no_dropout_model, data_dir, quick_recipe_file, tmp_path, start, loss):
+    """Also with distillation: every process runs the teacher on its share of the batch."""
     args = ["-m", "compressor", "compress", str(no_dropout_model), "--recipe", str(quick_recipe_file),
-            "--dataset", str(data_dir), "--json", "--device", "cpu", "--start-from", start]
+            "--dataset", str(data_dir), "--json", "--device", "cpu", "--start-from", start, "--loss", loss]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, timeout=300)
