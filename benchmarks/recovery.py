@@ -347,7 +347,9 @@ def recipe_for(bench: Bench, method: Method) -> Recipe:
     s = bench.settings
     over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
-            "prune.prune_every": s.prune_every, **method.overrides}
+            "prune.prune_every": s.prune_every,
+            "train.loss": "ce",  # issues 4 and 11 compare optimizers on cross-entropy (issue 14 adds distillation)
+            **method.overrides}
     return load_recipe("quick-cpu", over)
 
 
