@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory                       # SmolLM2-135M, 1 x 256 and 4 x 256, ce and kd
     python -m benchmarks.memory --batches 1 --losses ce
+    python -m benchmarks.memory --reestimate          # the stored measurements against today's formula
 
 Each setting is `compress` in its own process (quick-cpu, a few steps, no exports), so
 the peak resident memory (`ru_maxrss`) is that run's alone; it is read when training
@@ -54,12 +55,16 @@ def measure(model: str, batch: int, loss: str, out: Path) -> dict:
     proc.start()
     marks = queue.get()
     proc.join()
-    est = estimate_for(meta_model(model), _recipe(batch, loss))
+    return with_estimate(model, {"batch": batch, "seq_len": 256, "loss": loss, "measured_train_peak": marks["trained"],
+                                 "measured_peak": marks["end"]})
+
+
+def with_estimate(model: str, row: dict) -> dict:
+    est = estimate_for(meta_model(model), _recipe(row["batch"], row["loss"]))
     train_est = sum(est.train.values())
-    return {"batch": batch, "seq_len": 256, "loss": loss, "measured_train_peak": marks["trained"],
-            "measured_peak": marks["end"], "estimate_train": train_est, "estimate_peak": est.peak,
-            "error_train": train_est / marks["trained"] - 1, "error_peak": est.peak / marks["end"] - 1,
-            "parts": est.train}
+    return {**row, "estimate_train": train_est, "estimate_peak": est.peak,
+            "error_train": train_est / row["measured_train_peak"] - 1, "error_peak": est.peak / row["measured_peak"] - 1,
+            "parts": est.train, "eval_parts": est.eval}
 
 
 def main(argv=None) -> None:
@@ -69,10 +74,14 @@ def main(argv=None) -> None:
     parser.add_argument("--losses", default="ce,kd")
     parser.add_argument("--runs", default="/tmp/tapc-memory")
     parser.add_argument("--out", default="benchmarks/results/memory-estimate.json")
+    parser.add_argument("--reestimate", action="store_true", help="recompute the estimates of the stored rows")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf())
-    rows = [measure(model, int(b), loss, Path(args.runs)) for b in args.batches.split(",")
-            for loss in args.losses.split(",")]
+    if args.reestimate:
+        rows = [with_estimate(model, r) for r in json.loads(Path(args.out).read_text())]
+    else:
+        rows = [measure(model, int(b), loss, Path(args.runs)) for b in args.batches.split(",")
+                for loss in args.losses.split(",")]
     Path(args.out).write_text(json.dumps(rows, indent=1))
     for r in rows:
         print(f"{r['batch']} x 256 {r['loss']:<5}  measured {r['measured_train_peak'] / GB:.2f} GB (train), "

@@ -15,9 +15,13 @@ one process holds at the peak of a training step:
                      (logits, log-softmax, their gradients), 6 more with a teacher
     runtime          Python, torch and transformers themselves, 0.6 GB
 
-and the peak of an evaluation pass (both models' weights, the pruner's state, eval batch
-x window x vocabulary x 4 bytes, 6 copies with the drift's reference). Exports (ONNX,
-GGUF) run after training, one model at a time, and are not included.
+and the peak of the evaluation after training: the pruned and the dense model's weights
+(the drift's reference), the gradients still held, the pruner's state, eval batch x
+window x vocabulary x 4 bytes in 8 copies (both models' logits and log-softmax, the
+KL's temporaries), and the training step's activations again: on CPU they are many
+small blocks that the allocator keeps after training. Measured on SmolLM2-135M
+(benchmarks/memory.py, README) the estimate is within 25% of the peak resident memory.
+Exports (ONNX, GGUF) run after training, one model at a time, and are not included.
 The checkpoint, when written, clones the scores and masks (+5 bytes per prunable weight).
 """
 
@@ -126,8 +130,8 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
         "runtime": RUNTIME,
     }
     eval_tokens = recipe.eval.batch_size * eval_len
-    evaluation = {"weights": 8 * params, "scores_masks": 5 * prunable,
-                  "logits": 4 * eval_tokens * vocab * 6, "runtime": RUNTIME}
+    evaluation = {"weights": 8 * params, "gradients": 4 * params, "scores_masks": 5 * prunable,
+                  "logits": 4 * eval_tokens * vocab * 8, "activations": train["activations"], "runtime": RUNTIME}
     return Estimate(params=params, prunable=prunable, train=train, eval=evaluation)
 
 
