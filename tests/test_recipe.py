@@ -30,6 +30,15 @@ def test_builtin_names_and_default():
     assert load_recipe(None).ta.lr == load_recipe("quick-cpu").ta.lr == 0.1
     thesis = load_recipe("thesis")  # the thesis constants, kept as their own recipe
     assert thesis.ta.enabled and thesis.ta.lr is None  # eta_TA = lr
+    # Issue 14: the shipped jobs distil from the dense model; domain-adapt is quick-cpu with
+    # cross-entropy on the training text (as the thesis), nothing else changed.
+    assert load_recipe(None).train.loss == load_recipe("quick-cpu").train.loss == "kd"
+    assert thesis.train.loss == "ce"
+    adapt, quick = load_recipe("domain-adapt"), load_recipe("quick-cpu")
+    assert adapt.train.loss == "ce"
+    assert adapt.model_dump(exclude={"name", "description", "train"}) == quick.model_dump(
+        exclude={"name", "description", "train"})
+    assert adapt.train.model_dump(exclude={"loss"}) == quick.train.model_dump(exclude={"loss"})
 
 
 def test_overrides_win():
