@@ -45,7 +45,8 @@ def run_one(model: str, runs: Path, sparsity: float, loss: str, self_distill: in
         return
     recipe = load_recipe("quick-cpu", {
         "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
-        "data.self_distill": self_distill, "prune.start": start, "export.onnx": False, "export.quantize": [], "export.sparse": False,
+        "data.self_distill": self_distill, "prune.start": start,
+        "export.onnx": False, "export.quantize": [], "export.sparse": False,
     })
     compress(model, recipe, runs / name, overwrite=True, progress=lambda e: print(e, flush=True)
              if e.get("stage") in ("load", "train") and e.get("step", 10) % 10 == 0 else None)
@@ -82,7 +83,8 @@ def render(rows: list[dict], texts: dict[str, list[str]]) -> str:
              "chat KL (held out) | chat top-1 | train s |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['start']} | {r['self_distill'] or '-'} | {r['ppl']:.2f} | "
+        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['start']} | {r['self_distill'] or '-'} | "
+                     f"{r['ppl']:.2f} | "
                      f"{r['ppl'] / r['dense_ppl']:.3f} | {r['kl']:.4f} | {r['agreement']:.1%} | {r['chat_kl']:.4f} | "
                      f"{r['chat_agreement']:.1%} | {r['train_seconds']:.0f} |")
     labels = [*PROMPTS, f"(chat) {CHAT}"]

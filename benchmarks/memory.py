@@ -63,7 +63,8 @@ def with_estimate(model: str, row: dict) -> dict:
     est = estimate_for(meta_model(model), _recipe(row["batch"], row["loss"]))
     train_est = sum(est.train.values())
     return {**row, "estimate_train": train_est, "estimate_peak": est.peak,
-            "error_train": train_est / row["measured_train_peak"] - 1, "error_peak": est.peak / row["measured_peak"] - 1,
+            "error_train": train_est / row["measured_train_peak"] - 1,
+            "error_peak": est.peak / row["measured_peak"] - 1,
             "parts": est.train, "eval_parts": est.eval}
 
 

@@ -73,7 +73,8 @@ class ProgressView:
 
     LABELS = {"memory": "memory estimate", "load": "loading model", "data": "tokenizing data",
               "eval-dense": "dense perplexity", "train": "pruning + recovery",
-              "oneshot": "one-shot pruning, layer by layer", "self-distill": "dense model answering instruction prompts",
+              "oneshot": "one-shot pruning, layer by layer",
+              "self-distill": "dense model answering instruction prompts",
               "dry-run": "timing training steps", "eval-pruned": "pruned perplexity", "save": "saving",
               "export-sparse": "writing sparse artifact", "export-onnx": "exporting ONNX with KV cache, checking it",
               "export-int8": "int8 ONNX", "export-int4": "int4 ONNX", "calibrate-int4": "GPTQ calibration (int4)",
@@ -285,7 +286,8 @@ def compare(runs, as_json, markdown, debug):
     """Compare finished runs (their --out directories) in one table.
 
     Columns: run, model, sparsity reached, pattern, dense and pruned perplexity,
-    change, steps and total time.
+    change, KL to the dense model and top-1 agreement with it, recovery loss, steps
+    and total time.
     """
     from .compare import compare_runs, format_comparison
 

@@ -196,7 +196,8 @@ def _export_lines(exported: dict) -> list[str]:
         diverge = _divergence(q["greedy"])
         quality = ([f"{q['perplexity']['ppl']:.3f} ({q['ppl_increase']:+.1%})", f"{q['top1_agreement']:.1%}",
                     _kl(q["perplexity"])] if "perplexity" in q else ["not measured"] * 3)
-        rows.append([f"`{q['path']}`", size(q["bytes"]), f"{q['bytes_ratio']:.3f}", *quality, diverge, q["projections"]])
+        rows.append([f"`{q['path']}`", size(q["bytes"]), f"{q['bytes_ratio']:.3f}", *quality, diverge,
+                     q["projections"]])
     if rows:
         lines += _table(["model", "size", "× fp32", "perplexity (vs PyTorch)", "top-1 agreement", "KL to dense",
                          "greedy text vs PyTorch", "weights"], rows, align="lrrrrrll") + [""]

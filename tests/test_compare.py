@@ -39,7 +39,8 @@ def test_compare_table(two_runs):
     for line, path, report in ((lines[1], a, ra), (lines[2], b, rb)):
         assert line.startswith(str(path))
         assert f"{report['perplexity']['pruned']['ppl']:.3f}" in line
-        assert f"{report['perplexity']['pruned']['kl']:.4f}" in line and f"{report['perplexity']['pruned']['agreement']:.1%}" in line
+        pruned = report["perplexity"]["pruned"]
+        assert f"{pruned['kl']:.4f}" in line and f"{pruned['agreement']:.1%}" in line
         assert f"{report['sparsity']['prunable_sparsity']:.2%}" in line and "unstructured" in line
     # Different token counts: said on stderr, so the table is not read as a ranking it cannot support.
     assert "different windows or token counts" in result.stderr
