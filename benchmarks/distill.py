@@ -78,7 +78,7 @@ def continuations(spec: str) -> list[str]:
     return texts
 
 
-def render(rows: list[dict], texts: dict[str, list[str]]) -> str:
+def render(rows: list[dict], texts: dict[str, list[str]], also: dict | None = None) -> str:
     lines = ["| sparsity | loss | first mask | self-distill | PPL | × dense | KL(dense ‖ pruned) | top-1 = dense | "
              "chat KL (held out) | chat top-1 | train s |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -87,6 +87,10 @@ def render(rows: list[dict], texts: dict[str, list[str]]) -> str:
                      f"{r['ppl']:.2f} | "
                      f"{r['ppl'] / r['dense_ppl']:.3f} | {r['kl']:.4f} | {r['agreement']:.1%} | {r['chat_kl']:.4f} | "
                      f"{r['chat_agreement']:.1%} | {r['train_seconds']:.0f} |")
+    if also:
+        lines += ["", "| other model | chat KL (held out) | chat top-1 |", "| --- | ---: | ---: |"]
+        lines += [f"| {label} (`{a['model']}`) | {a['chat_kl']:.4f} | {a['chat_agreement']:.1%} |"
+                  for label, a in also.items()]
     labels = [*PROMPTS, f"(chat) {CHAT}"]
     for i, label in enumerate(labels):
         if any(len(t) <= i for t in texts.values()):
@@ -107,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--losses", default="ce,kd,ce+kd")
     parser.add_argument("--self-distill", type=int, default=0, help="data.self_distill of these runs")
     parser.add_argument("--start", default="dense", help="prune.start of these runs (dense, sparsegpt, wanda)")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
+                        help="another model for the continuations and the chat drift (e.g. an older run)")
     parser.add_argument("--runs-only", action="store_true", help="run, but leave the results for a later call")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")
@@ -127,9 +133,16 @@ def main(argv=None) -> None:
     texts = {"dense": continuations(model)}
     for r in rows:
         texts[r["run"]] = continuations(str(Path(r["folder"]) / "model"))
-    (out / "results.json").write_text(json.dumps({"runs": rows, "continuations": texts}, indent=1))
-    (out / "results.md").write_text(render(rows, texts))
-    print(render(rows, texts))
+    also = {}
+    for item in args.also:
+        label, spec = item.split("=", 1)
+        held = perplexity(load_model(spec).model, chat, 512, reference=dense.model)
+        also[label] = {"model": spec, "chat_kl": held.kl, "chat_agreement": held.agreement}
+        texts[label] = continuations(spec)
+    (out / "results.json").write_text(json.dumps({"runs": rows, "also": also, "continuations": texts}, indent=1))
+    page = render(rows, texts, also)
+    (out / "results.md").write_text(page)
+    print(page)
 
 
 if __name__ == "__main__":
