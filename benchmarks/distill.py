@@ -58,7 +58,8 @@ def row(folder: Path, chat: torch.Tensor, dense) -> dict:
     pruned, recipe = report["perplexity"]["pruned"], report["recipe"]
     held = perplexity(load_model(str(folder / "model")).model, chat, 512, reference=dense)
     return {"run": folder.name, "sparsity": recipe["prune"]["sparsity"], "loss": recipe["train"]["loss"],
-            "self_distill": recipe["data"]["self_distill"], "start": recipe["prune"]["start"], "folder": str(folder),
+            "self_distill": recipe["data"].get("self_distill", 0),  # runs from before the field: none
+            "start": recipe["prune"]["start"], "folder": str(folder),
             "dense_ppl": report["perplexity"]["dense"]["ppl"], "ppl": pruned["ppl"], "kl": pruned["kl"],
             "agreement": pruned["agreement"], "chat_kl": held.kl, "chat_agreement": held.agreement,
             "train_seconds": report["train"]["seconds"], "seconds": report["seconds"]}
