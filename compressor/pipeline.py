@@ -237,16 +237,8 @@ def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, lo
 def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckpt_dir: Path, extra: dict,
              saved: dict | None, notify, stop, teacher):
     """Prune while training, with checkpoints, roll-backs and resume; returns (steps, pruner, log)."""
-    torch.manual_seed(recipe.seed)
-    steps = total_steps(recipe, len(data["train"]))
-    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
-    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=not saved,
-                          progress=lambda e: notify({**e, "stage": "oneshot"}))
-    optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
-    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device, teacher)
-    trainer.log.mask_updates.extend(pruner.history)  # a one-shot mask: the update at step 0
-    if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
-        dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
+    trainer = _build_trainer(net, recipe, data, device, dense_val_loss, teacher, not saved, notify)
+    steps, pruner = trainer.steps, trainer.pruner
 
     def save_checkpoint(t: Trainer) -> None:
         if dist.is_main():
@@ -270,18 +262,29 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
     return steps, pruner, log
 
 
+def _build_trainer(net, recipe: Recipe, data: dict, device, dense_val_loss: float, teacher, oneshot: bool,
+                   notify) -> Trainer:
+    """Pruner (running a one-shot method when `oneshot`), optimizer and trainer for the whole run."""
+    torch.manual_seed(recipe.seed)
+    steps = total_steps(recipe, len(data["train"]))
+    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
+    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=oneshot,
+                          progress=lambda e: notify({**e, "stage": "oneshot"}))
+    optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
+    trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device, teacher)
+    trainer.log.mask_updates.extend(pruner.history)  # a one-shot mask: the update at step 0
+    if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
+        dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
+    return trainer
+
+
 def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, timed: int = 3) -> dict:
     """The plan of the run: steps, seconds per step from a few real steps, memory; nothing is written."""
-    steps = total_steps(recipe, len(data["train"]))
     dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else 0.0
     teacher = teacher_copy(net) if uses_teacher(recipe.train) else None
-    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
-    started = time.perf_counter()
-    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=True,
-                          progress=lambda e: notify({**e, "stage": "oneshot"}))
-    oneshot_seconds = time.perf_counter() - started
-    trainer = Trainer(net, pruner, build_optimizer(net, recipe, pruner, dense_val_loss), data["train"], data["val"],
-                      recipe, steps, device, teacher)
+    trainer = _build_trainer(net, recipe, data, device, dense_val_loss, teacher, True, notify)
+    steps = trainer.steps
+    oneshot_seconds = next((u["seconds"] for u in trainer.pruner.history if u.get("method")), None)
     times = []
     for _ in range(min(timed, steps)):
         notify({"stage": "dry-run", "done": len(times), "total": min(timed, steps)})
@@ -291,7 +294,7 @@ def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, tim
     warm = times[1:] or times  # the first step warms up
     per_step = statistics.median(warm) if warm else 0.0
     return {"dry_run": True, "steps": steps, "timed_steps": times, "seconds_per_step": per_step,
-            "train_seconds_estimate": per_step * steps, "oneshot_seconds": oneshot_seconds if pruner.history else None,
+            "train_seconds_estimate": per_step * steps, "oneshot_seconds": oneshot_seconds,
             "train_windows": len(data["train"]), "memory_estimate": estimate.to_dict() if estimate else None,
             "measured_peak_rss": peak_rss(), "device": str(device), "processes": dist.world_size()}
 
