@@ -160,6 +160,11 @@ def cli():
 @click.option("--loss", type=click.Choice(["ce", "kd", "ce+kd"]),
               help="Recovery loss: ce (cross-entropy on the training text, adapts the model to it), kd "
                    "(distillation from the dense model, keeps its behaviour) or ce+kd.")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]),
+              help="Under torchrun/accelerate: ddp (a whole copy per process, default) or fsdp (sharded, for "
+                   "models whose training state does not fit one device).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Windows per optimizer step over all processes "
+                                                               "(a multiple of the process count).")
 @click.option("--steps", type=click.IntRange(min=0), help="Optimizer steps (overrides the recipe's epochs); "
                                                           "0 with a one-shot method: no training.")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training window (and evaluation window unless the recipe sets eval.seq_len).")
@@ -186,7 +191,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, steps, seq_len, eval_tokens, pattern, onnx, quantize, gguf, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, parallel, batch_size, steps, seq_len, eval_tokens, pattern, onnx, quantize, gguf, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, dry_run, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -204,7 +209,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, st
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
         "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
         "export.quantize": quantize, "export.gguf": gguf, "prune.method": method, "prune.start": start,
-        "train.loss": loss,
+        "train.loss": loss, "train.parallel": parallel, "train.batch_size": batch_size,
     }
     console = Console(stderr=True)
     gates = Gates(max_ppl_increase=max_ppl_increase, max_ppl=max_ppl)

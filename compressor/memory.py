@@ -23,6 +23,12 @@ small blocks that the allocator keeps after training. Measured on SmolLM2-135M
 (benchmarks/memory.py, README) the estimate is within 25% of the peak resident memory.
 Exports (ONNX, GGUF) run after training, one model at a time, and are not included.
 The checkpoint, when written, clones the scores and masks (+5 bytes per prunable weight).
+
+Several processes: ddp gives each its share of the batch (activations, logits) and a
+whole copy of everything else. fsdp (`train.parallel: fsdp`) divides every per-parameter
+part by the number of processes and adds the blocks FSDP holds whole while they run:
+two blocks' fp32 weights (the running one and the next, prefetched) and one block's
+unreduced gradient; its evaluation runs on rank 0 alone, after gathering the model.
 """
 
 from __future__ import annotations
@@ -117,16 +123,19 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
     eval_len = eval_len or recipe.eval.seq_len or seq_len
     tokens = max(1, recipe.train.batch_size // world) * seq_len
     teacher = recipe.train.loss != "ce"
+    shards = world if recipe.train.parallel == "fsdp" and world > 1 else 1
+    block = prunable // layers  # a decoder block's projection weights, the bulk of it
     train = {
-        "weights": 4 * params,
-        "gradients": 4 * params,
-        "adam": 8 * params,
-        "scores_masks": 5 * prunable,
-        "teacher": 4 * params if teacher else 0,
-        "masked_weights": 4 * prunable,
+        "weights": 4 * params // shards,
+        "gradients": 4 * params // shards,
+        "adam": 8 * params // shards,
+        "scores_masks": 5 * prunable // shards,
+        "teacher": 4 * params // shards if teacher else 0,
+        "masked_weights": 4 * prunable // shards,
+        "gathered_blocks": (3 + 2 * teacher) * 4 * block if shards > 1 else 0,
         "activations": 4 * tokens * layers * (10 * hidden + 4 * inter),
         "logits": 4 * tokens * vocab * (10 if teacher else 4),
-        "checkpoint": 5 * prunable if recipe.train.checkpoint_every else 0,
+        "checkpoint": 5 * prunable // shards if recipe.train.checkpoint_every else 0,
         "runtime": RUNTIME,
     }
     eval_tokens = recipe.eval.batch_size * eval_len
@@ -150,6 +159,8 @@ def check_fits(spec: str, recipe: Recipe, device: torch.device, world: int = 1, 
         hints = ["a smaller train.batch_size with train.grad_accum", "a shorter --seq-len"]
         if recipe.train.loss != "ce":
             hints.append("--loss ce (no teacher copy)")
+        if world > 1 and recipe.train.parallel != "fsdp":
+            hints.insert(0, "--parallel fsdp (shards the training state over the processes)")
         raise UsageError(f"this run needs about {est.peak / GB:.1f} GB per process but {device} has "
                          f"{est.available / GB:.1f} GB free; try {', '.join(hints)}, or a machine with more memory "
                          "(TAPC_IGNORE_MEMORY=1 runs it anyway)")

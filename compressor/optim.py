@@ -16,6 +16,10 @@ weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them; 
 gradients are zeroed in place (unless the caller did, `grads_masked=True`) and their
 momentum when the mask changes, so one that grows back starts afresh.
 The TA step size follows the learning-rate schedule: eta_TA(t) = ta_lr * lr(t) / lr(0).
+
+Sharded parameters (FSDP2 DTensors): every elementwise update runs on the process's
+shard, the moments are shards too, and the TA term's dot products are summed over the
+processes, so the step is the one a single process would take.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 
 import torch
 
+from . import distributed as dist
 from .scratch import Scratch
 
 
@@ -58,6 +63,7 @@ class TAAdamW(torch.optim.Optimizer):
         self._mask_versions: dict[torch.Tensor, int] = {}  # each mask's version when momentum was last masked
         self._scratch = Scratch()  # the masks cast to float, one at a time
         self.last_ta: dict = {}  # what the TA term did at the last step, for the log
+        self.sharded = any(dist.is_sharded(p) for group in self.param_groups for p in group["params"])
 
     def _adam_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """m_hat / (sqrt(v_hat) + eps): Adam's step divided by -lr."""
@@ -88,21 +94,21 @@ class TAAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                grad, keep = p.grad, self.masks.get(p)
+                p, grad, keep = dist.local(param), dist.local(param.grad), self.masks.get(param)
                 mask = None if keep is None else self._scratch.mask_as(keep, p)  # 0/1 in p's dtype
                 if mask is not None:
                     if not self.grads_masked:
                         grad.mul_(mask)  # masked weights take no part: in the moments, the norms, the TA term
-                state = self.state[p]
+                state = self.state[param]
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if keep is not None and self._mask_changed(p, keep):
+                if keep is not None and self._mask_changed(param, keep):
                     # A newly masked weight may carry momentum from before: zero it, so Adam's
                     # step leaves the weight exactly where it is, and a weight that grows back
                     # starts with a fresh momentum. Its gradient is zero from now on, so the
@@ -126,7 +132,7 @@ class TAAdamW(torch.optim.Optimizer):
                         if not norm_known:
                             dots.append(torch.dot(g, g))
                     else:
-                        d = self._adam_direction(p, group)
+                        d = self._adam_direction(param, group)
                         if mask is not None:
                             d.mul_(mask)
                         d = d.reshape(-1)
@@ -137,8 +143,10 @@ class TAAdamW(torch.optim.Optimizer):
                 dot = float(grad_norm) ** 2
             else:
                 dot = torch.stack(dots).double().sum().item() if dots else 0.0
-            sq_norm = torch.stack(sq_norms).double().sum().item() if sq_norms else dot
-            self._ta_step(float(loss), dot, sq_norm)
+            sq_norm = torch.stack(sq_norms).double().sum().item() if sq_norms else 0.0
+            if self.sharded and not norm_known:  # each process summed over its shards
+                dot, sq_norm = dist.sum_shards([dot, sq_norm])
+            self._ta_step(float(loss), dot, sq_norm if sq_norms else dot)
         return loss
 
     @torch.no_grad()
@@ -156,14 +164,15 @@ class TAAdamW(torch.optim.Optimizer):
         schedule = group0["lr"] / group0.get("initial_lr", group0["lr"])
         coef = ta["lr"] * schedule * math.tanh(ta["k"] * energy) * scale * saturation
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
+                p = dist.local(param)
                 if ta["space"] == "gradient":
-                    p.add_(p.grad, alpha=-coef)  # the gradient is masked by now (in step() or by the caller)
+                    p.add_(dist.local(param.grad), alpha=-coef)  # masked by now (in step() or by the caller)
                     continue
-                d = self._adam_direction(p, group)
-                mask = self.masks.get(p)
+                d = self._adam_direction(param, group)
+                mask = self.masks.get(param)
                 if mask is not None:
                     d.mul_(self._scratch.mask_as(mask, d))
                 p.add_(d, alpha=-coef)

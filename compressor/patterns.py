@@ -102,17 +102,18 @@ def candidate_mask(score: torch.Tensor, dim: int, pattern: Pattern) -> torch.Ten
 
 
 def selection_keys(
-    scores: list[torch.Tensor], dims: list[int], k: int, pattern: Pattern
+    scores: list[torch.Tensor], dims: list[int], k: int, pattern: Pattern, count=lambda n: n
 ) -> list[torch.Tensor]:
     """Scores rewritten so that masking the k lowest keys over all tensors keeps the pattern.
 
     While k fits among the candidates, non-candidates get +inf (never masked); beyond
     that, candidates get -inf (all masked) and the rest compete by their own score.
+    `count`: the total over all processes of a count over this process's shards.
     """
     if not pattern.structured:
         return scores
     candidates = [candidate_mask(s, d, pattern) for s, d in zip(scores, dims)]
-    n_candidates = sum(int(c.sum()) for c in candidates)
+    n_candidates = count(sum(int(c.sum()) for c in candidates))
     if k <= n_candidates:
         return [s.masked_fill(~c, math.inf) for s, c in zip(scores, candidates)]
     return [s.masked_fill(c, -math.inf) for s, c in zip(scores, candidates)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, sharding
 from . import distributed as dist
 from .export import Evaluation, export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
@@ -154,13 +154,21 @@ def compress(
     steps, pruner, log = _recover(net, recipe, data, device, dense_val_loss, ckpt_dir, extra, saved, notify, stop,
                                   teacher)
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
+    train_peak = peak_rss()  # rank 0's peak so far: loading, the dense evaluation and training
     pruned_names = [f"{name}.weight" for name in pruner.modules]
-    pruner.finalize()
-    if not all(torch.isfinite(p).all() for p in net.parameters()):
-        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
+    parallel = "fsdp" if pruner.sharded else "ddp" if dist.world_size() > 1 else None
+    if pruner.sharded:  # every process sends its rows; rank 0 gets the whole model, plain, masks baked in
+        pruner.scores.clear()
+        net = sharding.gather(net, lambda: load_model(model, trust_remote_code=trust_remote_code,
+                                                      allow_pickle=allow_pickle).model.to(device))
+        teacher = None  # sharded as well: rank 0 loads the dense model again below, as the drift's reference
+    else:
+        pruner.finalize()
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
     if teacher is None:  # cross-entropy runs do not keep the dense model while training: load it again
         notify({"stage": "load", "model": model})
         teacher = teacher_copy(load_model(model, trust_remote_code=trust_remote_code,
@@ -180,12 +188,15 @@ def compress(
         "recipe": recipe.model_dump(mode="json"),
         "device": str(device),
         "processes": dist.world_size(),
+        "parallel": parallel,
         "platform": {"python": platform.python_version(), "torch": torch.__version__},
         "seq_len": seq_len,
         "perplexity": {"dense": dense.to_dict(), "pruned": pruned.to_dict(),
                        "increase": pruned.ppl / dense.ppl - 1.0},
         "sparsity": sparsity,
-        "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds,
+        "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds, "state_bytes": log.state_bytes,
+                  "peak_rss_after_training": train_peak,
+                  "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                   "mask_updates": len(log.mask_updates), "recoveries": log.recoveries,
                   "resumed_from": saved["step"] if saved else None,
                   "oneshot": next(({"method": u["method"], "seconds": u["seconds"],
@@ -241,15 +252,21 @@ def _recover(net, recipe: Recipe, data: dict, device, dense_val_loss: float, ckp
     steps, pruner = trainer.steps, trainer.pruner
 
     def save_checkpoint(t: Trainer) -> None:
+        if t.sharded:  # every process its shard first; then checkpoint.pt, which names them
+            checkpoint.save_shard(ckpt_dir, t.step, t.state_dict())
+            dist.barrier()
         if dist.is_main():
-            checkpoint.save(ckpt_dir, {**t.state_dict(), **extra})
+            checkpoint.save(ckpt_dir, {"step": t.step, "shards": dist.world_size(), **extra} if t.sharded
+                            else {**t.state_dict(), **extra})
         dist.barrier()
+        if t.sharded:
+            checkpoint.drop_old_shards(ckpt_dir, t.step)
 
     def restore(t: Trainer) -> None:
-        t.load_state_dict(checkpoint.load(ckpt_dir))
+        t.load_state_dict(checkpoint.trainer_state(ckpt_dir, checkpoint.load(ckpt_dir)))
 
     if saved:
-        trainer.load_state_dict(saved)
+        trainer.load_state_dict(checkpoint.trainer_state(ckpt_dir, saved))
         notify({"stage": "train", "resumed": saved["step"]})
     elif recipe.train.checkpoint_every and steps:
         save_checkpoint(trainer)  # step 0: something to roll back to if the loss blows up early
@@ -270,11 +287,16 @@ def _build_trainer(net, recipe: Recipe, data: dict, device, dense_val_loss: floa
     calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
     pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=oneshot,
                           progress=lambda e: notify({**e, "stage": "oneshot"}))
+    if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
+        dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
+    if recipe.train.parallel == "fsdp" and dist.world_size() > 1:
+        sharding.check_pattern(pruner)
+        for model in (net, teacher):
+            if model is not None:
+                sharding.shard(model)
     optimizer = build_optimizer(net, recipe, pruner, ref_loss=dense_val_loss)
     trainer = Trainer(net, pruner, optimizer, data["train"], data["val"], recipe, steps, device, teacher)
     trainer.log.mask_updates.extend(pruner.history)  # a one-shot mask: the update at step 0
-    if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
-        dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
     return trainer
 
 

@@ -9,7 +9,12 @@ Each prunable weight gets a parametrization `w -> w * mask` whose backward passe
 gradient straight through to `w`, masked or not. So a masked weight keeps its last
 value and still gets a gradient, its Taylor score stays meaningful, and it can come
 back when that score beats the global threshold (regrowth) -- with one boolean mask per
-weight and no second copy of the weights. The masks are buffers of the parametrization.
+weight and no second copy of the weights. The masks are frozen parameters of the
+parametrization (not buffers), so FSDP2 shards them with their weights.
+
+Sharded (FSDP2, `sharding.py`): weights, gradients, scores and masks are each process's
+rows; the pruner works on those and sums counts over the processes, so the threshold,
+the tie-breaking and the masks are those of one process holding everything.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import distributed as dist
 from .models import prunable_weights
 from .oneshot import METHODS, prune_oneshot
 from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
@@ -49,7 +55,7 @@ class Mask(nn.Module):
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", mask)
+        self.mask = nn.Parameter(mask, requires_grad=False)
 
     def forward(self, weight):
         return _StraightThrough.apply(weight, self.mask)
@@ -93,53 +99,68 @@ def _masked_forward(module: nn.Module, workspace: Scratch, transposed: bool, x: 
     return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace, transposed)
 
 
-def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0) -> float:
+def _total(counts: list[int], sharded: bool) -> list[int]:
+    return dist.sum_shards(counts) if sharded else counts
+
+
+def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0, sharded: bool = False) -> float:
     """The k-th smallest value (1-based) over many tensors, exactly, without sorting them all.
 
     A random sample brackets the answer in a narrow band [lo, hi]; counting the values
     below lo and selecting inside the band gives the exact order statistic. This is far
     faster than `kthvalue` over 10^8 values (SPEC.md: ~1 s instead of ~8 s).
+    `sharded`: the tensors are this process's shards; the sample, the counts and the band
+    are combined over the processes (never all the scores).
     """
-    n = sum(s.numel() for s in scores)
+    n = _total([sum(s.numel() for s in scores)], sharded)[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
-    if n <= EXACT_SELECT_LIMIT:
+    gather = dist.gather_cat if sharded else (lambda t: t)
+    if n <= EXACT_SELECT_LIMIT and not sharded:
         return torch.cat([s.flatten() for s in scores]).kthvalue(k).values.item()
-    gen = torch.Generator(device=scores[0].device).manual_seed(seed)
-    sample = torch.cat([
+    gen = torch.Generator(device=scores[0].device).manual_seed(seed + dist.rank() if sharded else seed)
+    sample = gather(torch.cat([
         s.flatten()[torch.randint(s.numel(), (max(1, SAMPLE_SIZE * s.numel() // n),), generator=gen, device=s.device)]
-        for s in scores
-    ]).sort().values
+        for s in scores if s.numel()
+    ] or [scores[0].flatten()])).sort().values
     q, m = k / n, sample.numel()
     margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
     for _ in range(4):
         lo = sample[max(0, int((q - margin) * m))].item()
         hi = sample[min(m - 1, int(math.ceil((q + margin) * m)))].item()
-        below = sum(int((s < lo).sum()) for s in scores)
-        upto = sum(int((s <= hi).sum()) for s in scores)
+        below, upto = _total([sum(int((s < lo).sum()) for s in scores),
+                              sum(int((s <= hi).sum()) for s in scores)], sharded)
         if below < k <= upto:
-            band = torch.cat([s[(s >= lo) & (s <= hi)] for s in scores])
+            band = gather(torch.cat([s[(s >= lo) & (s <= hi)] for s in scores]))
             return band.kthvalue(k - below).values.item()
         margin *= 4
-    return torch.cat([s.flatten() for s in scores]).kthvalue(k).values.item()
+    return gather(torch.cat([s.flatten() for s in scores])).kthvalue(k).values.item()
 
 
-def global_masks(scores: list[torch.Tensor], k: int, seed: int = 0) -> list[torch.Tensor]:
+def global_masks(scores: list[torch.Tensor], k: int, seed: int = 0, sharded: bool = False) -> list[torch.Tensor]:
     """Boolean keep-masks that drop exactly the k lowest scores over all tensors together.
 
-    Ties at the threshold are broken in tensor order, so the count is exact.
+    Ties at the threshold are broken in tensor order (and, sharded, within a tensor in the
+    order of its rows: process 0's first), so the count is exact and one process holding
+    whole tensors gets the same masks.
     """
     if k <= 0:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    threshold = kth_smallest(scores, k, seed)
-    remaining = k - sum(int((s < threshold).sum()) for s in scores)
+    threshold = kth_smallest(scores, k, seed, sharded)
+    remaining = k - _total([sum(int((s < threshold).sum()) for s in scores)], sharded)[0]
+    ties = torch.tensor([int((s == threshold).sum()) for s in scores])
+    # ties[r, i]: process r's ties in tensor i; taken tensor by tensor, process by process.
+    ties = dist.gather_cat(ties).view(-1, len(scores)) if sharded else ties.view(1, -1)
+    me = dist.rank() if sharded else 0
     masks = []
-    for s in scores:
+    for i, s in enumerate(scores):
         keep = s > threshold
-        tied = (s == threshold).flatten().nonzero().squeeze(1)
-        take = min(remaining, tied.numel())
-        keep.view(-1)[tied[take:]] = True  # ties beyond the budget are kept
-        remaining -= take
+        for r in range(ties.shape[0]):
+            take = min(remaining, int(ties[r, i]))
+            if r == me:
+                tied = (s == threshold).flatten().nonzero().squeeze(1)
+                keep.view(-1)[tied[take:]] = True  # ties beyond the budget are kept
+            remaining -= take
         masks.append(keep)
     return masks
 
@@ -160,6 +181,11 @@ class Pruner:
         self.workspace = Scratch()  # w * mask in forward and backward, the Taylor scores
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are FSDP2 shards (DTensors): then every sum runs over the processes."""
+        return any(dist.is_sharded(w) for w in self.weights.values())
 
     # -- setup -------------------------------------------------------------------------
     def check(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, int]]:
@@ -213,19 +239,25 @@ class Pruner:
             self.input_norms[name] = sums[name].sqrt().unsqueeze(1 - self.input_dims[name])
 
     def _score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The score of this process's part of `weight` (a parameter, maybe sharded)."""
         if self.config.saliency in NEEDS_ACTIVATIONS and name not in self.input_norms:
             raise ValueError(f"{self.config.saliency} saliency needs calibration activations; "
                              "call Pruner.calibrate(model, windows) before the first mask update")
-        return self.criterion(weight, weight.grad, self.input_norms.get(name))
+        values, norm = dist.local(weight), self.input_norms.get(name)
+        if norm is not None and norm.shape[0] > 1 and norm.shape[0] != values.shape[0]:
+            norm = norm[slice(*dist.shard_rows(norm.shape[0]))]  # (in, 1) against a Conv1D's shard of rows
+        grad = None if weight.grad is None else dist.local(weight.grad)
+        return self.criterion(values, grad, norm)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
-        """The stored (unmasked) weights: what the optimizer updates."""
+        """The stored (unmasked) weights, as parameters (sharded: DTensors): what the optimizer updates."""
         return {n: m.parametrizations.weight.original for n, m in self.modules.items()}
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: m.parametrizations.weight[0].mask for n, m in self.modules.items()}
+        """The keep-masks (sharded: this process's rows; writing them writes the shard)."""
+        return {n: dist.local(m.parametrizations.weight[0].mask) for n, m in self.modules.items()}
 
     def param_masks(self) -> dict[torch.Tensor, torch.Tensor]:
         """{parameter: mask} for the optimizer, which must leave masked weights alone."""
@@ -233,10 +265,10 @@ class Pruner:
         return {w: masks[n] for n, w in self.weights.items()}
 
     def num_prunable(self) -> int:
-        return sum(m.numel() for m in self.masks.values())
+        return _total([sum(m.numel() for m in self.masks.values())], self.sharded)[0]
 
     def num_masked(self) -> int:
-        return sum(int((~m).sum()) for m in self.masks.values())
+        return _total([sum(int((~m).sum()) for m in self.masks.values())], self.sharded)[0]
 
     @property
     def current_sparsity(self) -> float:
@@ -262,7 +294,8 @@ class Pruner:
                 continue
             # The score in the reused buffer, then into the running average: no fresh
             # memory per layer (fresh scores cost 180 ms a step on SmolLM2, this 70 ms).
-            score = self.criterion(weight, weight.grad, out=self.workspace.like(weight))
+            values = dist.local(weight)
+            score = self.criterion(values, dist.local(weight.grad), out=self.workspace.like(values))
             self.scores[name].lerp_(score, 1 - beta)
 
     @torch.no_grad()
@@ -271,7 +304,8 @@ class Pruner:
         masks = self.masks  # each property access walks all the parametrizations: once per call
         for name, weight in self.weights.items():
             if weight.grad is not None:
-                weight.grad.mul_(self.workspace.mask_as(masks[name], weight.grad))
+                grad = dist.local(weight.grad)
+                grad.mul_(self.workspace.mask_as(masks[name], grad))
 
     @property
     def fixed(self) -> bool:
@@ -298,7 +332,7 @@ class Pruner:
             target = max(self.sparsity, min(cfg.sparsity, scheduled * alpha))
         if target == 0.0:
             return None
-        names = list(self.modules)
+        names, sharded = list(self.modules), self.sharded
         old, weights = self.masks, self.weights
         scores = []
         for name in names:
@@ -309,16 +343,19 @@ class Pruner:
             if not cfg.regrowth:
                 score = score.masked_fill(~old[name], -math.inf)
             scores.append(score)
-        k = round(target * sum(s.numel() for s in scores))
-        keys = selection_keys(scores, [self.input_dims[n] for n in names], k, self.pattern)
-        new = global_masks(keys, k, seed=step)
-        record = {"step": step, "target": target, "alpha": alpha, "masked": k,
-                  "pruned": 0, "regrown": 0}
+        total = _total([sum(s.numel() for s in scores)], sharded)[0]
+        k = round(target * total)
+        keys = selection_keys(scores, [self.input_dims[n] for n in names], k, self.pattern,
+                              count=lambda n: _total([n], sharded)[0])
+        new = global_masks(keys, k, seed=step, sharded=sharded)
+        changed = [0, 0]
         for name, keep in zip(names, new):
-            record["pruned"] += int((old[name] & ~keep).sum())
-            record["regrown"] += int((~old[name] & keep).sum())
+            changed[0] += int((old[name] & ~keep).sum())
+            changed[1] += int((~old[name] & keep).sum())
             old[name].copy_(keep)
-        record["sparsity"] = k / sum(s.numel() for s in scores)
+        pruned, regrown = _total(changed, sharded)
+        record = {"step": step, "target": target, "alpha": alpha, "masked": k, "pruned": pruned,
+                  "regrown": regrown, "sparsity": k / total}
         self.sparsity = target
         self.history.append(record)
         return record

@@ -122,6 +122,9 @@ class TrainConfig(_Section):
     kd_temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both models in the KD term "
                                                            "(the term is scaled by T^2)")
     kd_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term in ce+kd")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp copies the model and its training state to every process; "
+                           "fsdp shards weights, gradients, moments, scores and masks over them")
 
 
 class DataConfig(_Section):

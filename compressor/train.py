@@ -41,6 +41,7 @@ class TrainLog:
     validation: list[dict] = field(default_factory=list)  # {"step", "loss"}
     mask_updates: list[dict] = field(default_factory=list)
     recoveries: list[dict] = field(default_factory=list)  # non-finite losses survived
+    state_bytes: int = 0  # training state this process held at the end (its shards, sharded)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -109,7 +110,7 @@ class Trainer:
         world = dist.world_size()
         if cfg.batch_size % world:
             raise JobError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
-                           "make it a multiple of the process count")
+                           "make it a multiple of the process count (--batch-size)")
         if len(train_windows) < cfg.batch_size:
             raise JobError(
                 f"the training text gives {len(train_windows)} windows, fewer than a batch of "
@@ -124,6 +125,7 @@ class Trainer:
         self.step = 0
         self.lr_scale = 1.0  # lowered after each recovery from a non-finite loss
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.sharded = any(dist.is_sharded(p) for p in self.params)  # FSDP2: it reduces the gradients itself
         self.autocast = recipe.train.mixed_precision == "bf16"
 
     # -- one step ------------------------------------------------------------------------
@@ -139,8 +141,10 @@ class Trainer:
             (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.item() / cfg.grad_accum
             self.log.tokens += batch.numel()
-        # Every rank then holds the global gradient and loss: scores, masks and the TA
-        # term (global loss, global gradient norm) come out identical on all ranks.
+        # Every rank then holds the global gradient (sharded: its shard of it) and loss: scores,
+        # masks and the TA term (global loss, global gradient norm) come out as on one process.
+        if self.sharded:
+            return dist.sum_shards([loss])[0] / world
         return dist.average_gradients(self.params, loss)
 
     def train_step(self) -> dict | None:
@@ -157,7 +161,7 @@ class Trainer:
         if clip:
             # The norm after clipping is what the TA term needs: it is known here for free
             # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
-            norm = torch.nn.utils.clip_grad_norm_(self.params, clip).clamp(max=clip)
+            norm = dist.clip_grad_norm_(self.params, clip).clamp(max=clip)
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step(loss=loss, grad_norm=norm)
         self.scheduler.step()
@@ -176,6 +180,16 @@ class Trainer:
         self.step = step
         return update
 
+    def state_bytes(self) -> int:
+        """Bytes of training state this process holds: weights and masks, gradients, optimizer moments,
+        Taylor scores, the teacher (sharded: this process's shards of each)."""
+        models = [self.model] + ([self.teacher] if self.teacher is not None else [])
+        params = [p for m in models for p in m.parameters()]
+        tensors = [dist.local(p) for p in params] + [dist.local(p.grad) for p in params if p.grad is not None]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if t.dim()]
+        tensors += list(self.pruner.scores.values()) if self.pruner else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def set_lr_scale(self, scale: float) -> None:
         """Scale the learning rate and the TA step size (relative to the recipe's) from now on."""
         factor, self.lr_scale = scale / self.lr_scale, scale
@@ -190,7 +204,7 @@ class Trainer:
         return {
             "step": self.step,
             "lr_scale": self.lr_scale,
-            "model": self.model.state_dict(),
+            "model": {k: dist.local(v) for k, v in self.model.state_dict().items()},  # sharded: this process's rows
             "pruner": self.pruner.state_dict() if self.pruner else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -200,7 +214,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if self.sharded:  # the same processes wrote it: each copies its own shards back
+            current = self.model.state_dict()
+            if current.keys() != state["model"].keys():
+                raise ValueError("checkpoint shard belongs to a model with other weights")
+            with torch.no_grad():
+                for key, value in current.items():
+                    dist.local(value).copy_(state["model"][key])
+        else:
+            self.model.load_state_dict(state["model"])
         if self.pruner:
             self.pruner.load_state_dict(state["pruner"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -263,6 +285,7 @@ def run(trainer: Trainer, *, progress=None, checkpoint=None, restore=None, stop=
                 checkpoint(trainer)
             raise Interrupted(step)
     trainer.model.eval()
+    trainer.log.state_bytes = trainer.state_bytes()
     return trainer.log
 
 

@@ -83,6 +83,24 @@ def build_model(kind: str, vocab_size: int, init_range: float = 0.02):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture
+def no_dropout_model(tmp_path, tokenizer):
+    """A tiny GPT-2 with dropout off, so runs in 1 and 2 processes differ only by the order of sums."""
+    model = build_model("gpt2", len(tokenizer))
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def model_dir(request, tmp_path_factory, tokenizer) -> Path:
     """A tiny model saved in Hugging Face layout (safetensors + tokenizer)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import build_model
+from .conftest import build_model, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def no_dropout_model(tmp_path, tokenizer):
-    """Dropout off, so the two runs differ only by the order of floating-point sums."""
-    model = build_model("gpt2", len(tokenizer))
-    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("start,loss", [("dense", "ce"), ("sparsegpt", "ce+kd")])
@@ -44,7 +27,7 @@ def test_two_processes_match_one(no_dropout_model, data_dir, quick_recipe_file, 
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port())]
+                "127.0.0.1", "--master_port", str(free_port())]
     double = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]

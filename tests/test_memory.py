@@ -28,7 +28,11 @@ def test_estimate_counts_the_real_model_from_its_config_alone(model_dir, quick_r
     assert kd.state_bytes_per_param == pytest.approx(est.state_bytes_per_param + 4)
     bigger = estimate_for(meta, load_recipe(quick_recipe_file, {"train.batch_size": 8}))
     assert bigger.train["activations"] == 4 * est.train["activations"]  # 8 windows instead of 2
-    assert estimate_for(meta, recipe, world=2).train["activations"] == est.train["activations"] // 2
+    ddp = estimate_for(meta, recipe, world=2)
+    assert ddp.train["activations"] == est.train["activations"] // 2 and ddp.train["adam"] == est.train["adam"]
+    fsdp = estimate_for(meta, load_recipe(quick_recipe_file, {"train.parallel": "fsdp"}), world=2)
+    assert fsdp.train["adam"] == est.train["adam"] // 2 and fsdp.train["gathered_blocks"] > 0
+    assert fsdp.state_bytes_per_param == pytest.approx(est.state_bytes_per_param / 2, rel=1e-3)
 
 
 def test_a_run_that_cannot_fit_stops_before_loading(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
