@@ -7,6 +7,13 @@ averaged across processes (when distributed), the pruner folds them into its sco
 clipped, the optimizer steps (TA needs the loss), the LR decays, and the pruner updates
 the masks when its schedule says so.
 
+Pure distillation (`train.loss: kd`) from the dense model has nothing to learn until the
+first weights are masked: the student is its teacher, the loss is 0 and its gradient is
+only the rounding of two softmaxes, which Adam would scale up into lr-sized random steps
+(and Taylor scores of noise). Until the first mask update these steps therefore score
+with the cross-entropy gradient (the thesis' loss) and leave the weights alone; the log
+records their loss as 0, the KD loss of a model equal to its teacher.
+
 Everything a step depends on is either in `Trainer.state_dict()` or a pure function of
 the step number (the batch order), so a run restored from a checkpoint continues
 exactly as if it had never stopped.
@@ -127,10 +134,16 @@ class Trainer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.sharded = any(dist.is_sharded(p) for p in self.params)  # FSDP2: it reduces the gradients itself
         self.autocast = recipe.train.mixed_precision == "bf16"
+        self.score_before_first_mask = True  # see scoring_only(); a dry run times full steps instead
 
     # -- one step ------------------------------------------------------------------------
-    def _forward_backward(self, step: int) -> float:
-        cfg, world, rank = self.recipe.train, dist.world_size(), dist.rank()
+    def scoring_only(self) -> bool:
+        """A kd run whose model is still the dense teacher (no mask yet): score, don't step."""
+        return (self.score_before_first_mask and self.recipe.train.loss == "kd" and self.pruner is not None
+                and not self.pruner.fixed and not self.pruner.history)
+
+    def _forward_backward(self, step: int, cfg=None) -> float:
+        cfg, world, rank = cfg or self.recipe.train, dist.world_size(), dist.rank()
         per_rank = cfg.batch_size // world
         loss = 0.0
         for micro in range(cfg.grad_accum):
@@ -151,23 +164,30 @@ class Trainer:
         """One optimizer step. Returns the mask update record, if any; raises on a bad loss."""
         step = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(step)
+        scoring = self.scoring_only()
+        loss = self._forward_backward(step, self.recipe.train.model_copy(update={"loss": "ce"}) if scoring else None)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         if self.pruner:
             self.pruner.observe(step)
             self.pruner.mask_gradients_()
-        norm, clip = None, self.recipe.optim.grad_clip
-        if clip:
-            # The norm after clipping is what the TA term needs: it is known here for free
-            # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
-            norm = dist.clip_grad_norm_(self.params, clip).clamp(max=clip)
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step(loss=loss, grad_norm=norm)
+        if scoring:
+            loss = 0.0  # the KD loss of a model equal to its teacher
+            self.optimizer.last_ta = {}
+        else:
+            norm, clip = None, self.recipe.optim.grad_clip
+            if clip:
+                # The norm after clipping is what the TA term needs: it is known here for free
+                # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
+                norm = dist.clip_grad_norm_(self.params, clip).clamp(max=clip)
+            self.optimizer.step(loss=loss, grad_norm=norm)
         self.scheduler.step()
         log = self.log
         log.loss.append(loss)
-        recent = log.loss[-self.recipe.prune.loss_window:]
+        # The stability signal starts with the first loss there is to stabilise.
+        first = log.mask_updates[0]["step"] if self.recipe.train.loss == "kd" and log.mask_updates else 0
+        recent = log.loss[max(first, len(log.loss) - self.recipe.prune.loss_window):]
         update = self.pruner.step(step, recent) if self.pruner else None
         if update:
             log.mask_updates.append(update)

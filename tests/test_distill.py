@@ -114,3 +114,33 @@ def test_self_distillation_mixes_the_dense_models_answers_into_training(gpt2_dir
     with pytest.raises(UsageError, match="chat template"):
         compress(str(gpt2_dir), bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask():
+    """Before any weight is masked the student is its teacher (KD gradient = rounding noise):
+    those steps score with the CE gradient and leave the weights exactly as they were."""
+    from compressor.pruner import Pruner
+    from compressor.recipe import Recipe
+    from compressor.train import Trainer, build_optimizer
+
+    recipe = Recipe.model_validate({
+        "prune": {"sparsity": 0.5, "prune_every": 4, "warmup": 0.0, "tau": 0.2, "final": 0.8},
+        "optim": {"lr": 1e-3}, "ta": {"lr": 1e-2}, "train": {"steps": 10, "batch_size": 2, "eval_every": 0,
+                                                              "loss": "kd"},
+    })
+    model = build_model("llama", 97, init_range=0.2).train()
+    teacher = teacher_copy(model)
+    windows = torch.randint(97, (16, 16), generator=torch.Generator().manual_seed(0))
+    pruner = Pruner(recipe.prune, 10).prepare(model)
+    trainer = Trainer(model, pruner, build_optimizer(model, recipe, pruner, 0.0), windows, windows[:2], recipe, 10,
+                      torch.device("cpu"), teacher)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        assert trainer.scoring_only()
+        trainer.train_step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.log.loss == [0.0] * 3 and all(s.max() > 1e-3 for s in pruner.scores.values())  # CE, not noise
+    trainer.train_step()  # step 4: the first mask
+    assert pruner.history and not trainer.scoring_only()
+    trainer.train_step()
+    assert trainer.log.loss[-1] > 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
