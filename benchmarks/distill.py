@@ -38,15 +38,17 @@ CHAT = "Give me three tips for staying focused while studying."
 NEW_TOKENS = 40
 
 
-def run_one(model: str, runs: Path, sparsity: float, loss: str, self_distill: int, start: str, data: Path) -> None:
+def run_one(model: str, runs: Path, sparsity: float, loss: str, self_distill: int, start: str, data: Path,
+            lr: float | None = None) -> None:
     name = (f"s{round(sparsity * 100)}-{loss.replace('+', '-')}" + (f"-sd{self_distill}" if self_distill else "")
-            + ("" if start == "dense" else f"-from-{start}"))
+            + ("" if start == "dense" else f"-from-{start}") + (f"-lr{lr:g}" if lr else ""))
     if (runs / name / "report.json").is_file():
         return
     recipe = load_recipe("quick-cpu", {
         "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
         "data.self_distill": self_distill, "prune.start": start,
         "export.onnx": False, "export.quantize": [], "export.sparse": False,
+        **({"optim.lr": lr} if lr else {}),
     })
     compress(model, recipe, runs / name, overwrite=True, progress=lambda e: print(e, flush=True)
              if e.get("stage") in ("load", "train") and e.get("step", 10) % 10 == 0 else None)
@@ -59,7 +61,7 @@ def row(folder: Path, chat: torch.Tensor, dense) -> dict:
     held = perplexity(load_model(str(folder / "model")).model, chat, 512, reference=dense)
     return {"run": folder.name, "sparsity": recipe["prune"]["sparsity"], "loss": recipe["train"]["loss"],
             "self_distill": recipe["data"].get("self_distill", 0),  # runs from before the field: none
-            "start": recipe["prune"]["start"], "folder": str(folder),
+            "start": recipe["prune"]["start"], "lr": recipe["optim"]["lr"], "folder": str(folder),
             "dense_ppl": report["perplexity"]["dense"]["ppl"], "ppl": pruned["ppl"], "kl": pruned["kl"],
             "agreement": pruned["agreement"], "chat_kl": held.kl, "chat_agreement": held.agreement,
             "train_seconds": report["train"]["seconds"], "seconds": report["seconds"]}
@@ -80,11 +82,12 @@ def continuations(spec: str) -> list[str]:
 
 
 def render(rows: list[dict], texts: dict[str, list[str]], also: dict | None = None) -> str:
-    lines = ["| sparsity | loss | first mask | self-distill | PPL | × dense | KL(dense ‖ pruned) | top-1 = dense | "
-             "chat KL (held out) | chat top-1 | train s |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | sparsity | loss | lr | first mask | self-distill | PPL | × dense | KL(dense ‖ pruned) "
+             "| top-1 = dense | chat KL (held out) | chat top-1 | train s |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['sparsity']:.0%} | {r['loss']} | {r['start']} | {r['self_distill'] or '-'} | "
+        lines.append(f"| {r['run']} | {r['sparsity']:.0%} | {r['loss']} | {r['lr']:g} | {r['start']} | "
+                     f"{r['self_distill'] or '-'} | "
                      f"{r['ppl']:.2f} | "
                      f"{r['ppl'] / r['dense_ppl']:.3f} | {r['kl']:.4f} | {r['agreement']:.1%} | {r['chat_kl']:.4f} | "
                      f"{r['chat_agreement']:.1%} | {r['train_seconds']:.0f} |")
@@ -114,6 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--start", default="dense", help="prune.start of these runs (dense, sparsegpt, wanda)")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
                         help="another model for the continuations and the chat drift (e.g. an older run)")
+    parser.add_argument("--lr", type=float, default=None, help="optim.lr of these runs (default: quick-cpu's 2e-4)")
     parser.add_argument("--runs-only", action="store_true", help="run, but leave the results for a later call")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")
@@ -124,13 +128,13 @@ def main(argv=None) -> None:
     runs = Path(args.runs)
     for sparsity in args.sparsities.split(","):
         for loss in args.losses.split(","):
-            run_one(model, runs, float(sparsity), loss, args.self_distill, args.start, Path(args.data))
+            run_one(model, runs, float(sparsity), loss, args.self_distill, args.start, Path(args.data), args.lr)
     if args.runs_only:
         return
     dense = load_model(model)
     chat = chat_stream(dense.model, dense.tokenizer, instruction_prompts()[-HELD_OUT:])
     rows = sorted((row(f.parent, chat, dense.model) for f in runs.glob("*/report.json")),
-                  key=lambda r: (r["sparsity"], r["loss"], r["start"], r["self_distill"]))
+                  key=lambda r: (r["sparsity"], r["loss"], r["start"], r["self_distill"], r["lr"], r["run"]))
     texts = {"dense": continuations(model)}
     for r in rows:
         texts[r["run"]] = continuations(str(Path(r["folder"]) / "model"))
