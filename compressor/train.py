@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -182,7 +183,9 @@ class Trainer:
                 # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
                 norm = dist.clip_grad_norm_(self.params, clip).clamp(max=clip)
             self.optimizer.step(loss=loss, grad_norm=norm)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a scoring-only first step: the schedule still counts it
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         log = self.log
         log.loss.append(loss)
         # The stability signal starts with the first loss there is to stabilise.
