@@ -57,6 +57,8 @@ def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig) -> tor
         return out.loss
     with torch.no_grad():
         target = teacher(input_ids=ids).logits
+        if hasattr(teacher, "reshard"):  # FSDP2: never running backward, it would keep its outer group whole
+            teacher.reshard()
     term = kd_loss(out.logits, target, config.kd_temperature)
     if config.loss == "kd":
         return term

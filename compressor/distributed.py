@@ -151,7 +151,7 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     with torch.no_grad():
-        square = sum(float(local(g).double().pow(2).sum()) for g in grads)
+        square = torch.stack([local(g).double().pow(2).sum() for g in grads]).sum().item()  # one sync
         norm = torch.tensor(sum_shards([square])[0]).sqrt().float()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:

@@ -157,6 +157,9 @@ def compress(
     train_peak = peak_rss()  # rank 0's peak so far: loading, the dense evaluation and training
     pruned_names = [f"{name}.weight" for name in pruner.modules]
     parallel = "fsdp" if pruner.sharded else "ddp" if dist.world_size() > 1 else None
+    finite = all(torch.isfinite(dist.local(p)).all() for p in net.parameters() if p.is_floating_point())
+    if dist.any_rank(not finite):  # every process stops here, none waits for the others
+        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
     if pruner.sharded:  # every process sends its rows; rank 0 gets the whole model, plain, masks baked in
         pruner.scores.clear()
         net = sharding.gather(net, lambda: load_model(model, trust_remote_code=trust_remote_code,
@@ -167,8 +170,6 @@ def compress(
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
-    if not all(torch.isfinite(p).all() for p in net.parameters()):
-        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
     if teacher is None:  # cross-entropy runs do not keep the dense model while training: load it again
         notify({"stage": "load", "model": model})
         teacher = teacher_copy(load_model(model, trust_remote_code=trust_remote_code,

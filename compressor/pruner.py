@@ -401,7 +401,7 @@ class Pruner:
             raise ValueError("pruner state belongs to a model with other prunable layers")
         for name, mask in state["masks"].items():
             masks[name].copy_(mask)
-        self.scores = {n: s.clone() for n, s in state["scores"].items()}
+        self.scores = {n: s.to(masks[n].device, copy=True) for n, s in state["scores"].items()}  # saved on the CPU
         self.sparsity = state["sparsity"]
         self.history = list(state["history"])
 

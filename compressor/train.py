@@ -12,7 +12,9 @@ first weights are masked: the student is its teacher, the loss is 0 and its grad
 only the rounding of two softmaxes, which Adam would scale up into lr-sized random steps
 (and Taylor scores of noise). Until the first mask update these steps therefore score
 with the cross-entropy gradient (the thesis' loss) and leave the weights alone; the log
-records their loss as 0, the KD loss of a model equal to its teacher.
+records their loss as 0, the KD loss of a model equal to its teacher. The learning-rate
+schedule counts them (it is a function of the step), so a warmup of optim.warmup_steps
+may be spent before the first weight moves.
 
 Everything a step depends on is either in `Trainer.state_dict()` or a pure function of
 the step number (the batch order), so a run restored from a checkpoint continues

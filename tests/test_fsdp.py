@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -68,21 +69,22 @@ def test_fsdp_matches_one_process(kind, extra, no_dropout_model, tokenizer, data
 def test_fsdp_run_stopped_by_sigterm_resumes_to_the_same_weights(no_dropout_model, data_dir, quick_recipe_file,
                                                                  tmp_path):
     args = ["-m", "compressor", "compress", str(no_dropout_model), "--recipe", str(quick_recipe_file), "--dataset",
-            str(data_dir), "--device", "cpu", "--parallel", "fsdp", "--steps", "40", "--checkpoint-every", "3"]
+            str(data_dir), "--device", "cpu", "--parallel", "fsdp", "--steps", "120", "--checkpoint-every", "3"]
     _run([*args, "--json"], tmp_path / "whole", two=True)
     out = tmp_path / "cut"
     ckpt = checkpoint.checkpoint_dir(out)
     proc = subprocess.Popen([*_launcher(), *args, "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (ckpt / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:  # a checkpoint past step 0: training is under way
+        if (ckpt / "checkpoint.pt").exists() and checkpoint.load(ckpt)["step"] > 0:
+            break
         time.sleep(0.02)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to both processes
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not out.exists(), stderr[-2000:]
     saved = checkpoint.load(ckpt)
-    assert saved["shards"] == 2 and 0 < saved["step"] < 40
+    assert saved["shards"] == 2 and 0 < saved["step"] < 120
     assert sorted(p.name for p in ckpt.glob("shard-*")) == [f"shard-{saved['step']:08d}-rank{r}.pt" for r in (0, 1)]
     resumed = _run([*args, "--json", "--resume"], out, two=True)
     assert resumed["train"]["resumed_from"] == saved["step"]
@@ -107,7 +109,7 @@ def test_nm_groups_may_not_straddle_two_processes(monkeypatch):
 
 def _sharded_masks(rank: int, world: int, port: int, scores, k: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         shards = [s.chunk(world)[rank] for s in scores]  # FSDP2's split: rows, process 0 first
         # As lists: a tensor would go through shared memory, gone once this process exits.
@@ -124,12 +126,16 @@ def test_sharded_threshold_breaks_ties_as_one_process(k):
               torch.rand(7, 3, generator=gen)]
     ctx = torch.multiprocessing.get_context("spawn")
     results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_sharded_masks, args=(r, 2, port, scores, k, results)) for r in range(2)]
+    procs = [ctx.Process(target=_sharded_masks, args=(r, 2, port, scores, k, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
-    parts = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        parts = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     expected = global_masks(scores, k)
     for i, mask in enumerate(expected):
         assert torch.equal(torch.tensor(parts[0][i] + parts[1][i]), mask)
