@@ -103,10 +103,10 @@ def compress(
         raise UsageError(f"{ckpt_dir} holds a checkpoint of an interrupted run; pass --resume to continue it "
                          "or --overwrite to start over")
     saved = checkpoint.load(ckpt_dir) if resume else None
-    notify = progress if progress and dist.is_main() else (lambda event: None)
     started = time.perf_counter()
     device = resolve_device(recipe.device)
     dist.init_from_env(device)
+    notify = progress if progress and dist.is_main() else (lambda event: None)  # the rank is known from here
     if device.type == "cuda" and dist.world_size() > 1:  # one GPU per process
         device = torch.device("cuda", dist.local_rank())
         torch.cuda.set_device(device)
