@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -160,20 +161,22 @@ def compress(
     finite = all(torch.isfinite(dist.local(p)).all() for p in net.parameters() if p.is_floating_point())
     if dist.any_rank(not finite):  # every process stops here, none waits for the others
         raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
+    def reload_dense():  # frozen, as the drift's reference
+        notify({"stage": "load", "model": model})
+        return teacher_copy(load_model(model, trust_remote_code=trust_remote_code,
+                                       allow_pickle=allow_pickle).model.to(device))
+
     if pruner.sharded:  # every process sends its rows; rank 0 gets the whole model, plain, masks baked in
         pruner.scores.clear()
-        net = sharding.gather(net, lambda: load_model(model, trust_remote_code=trust_remote_code,
-                                                      allow_pickle=allow_pickle).model.to(device))
-        teacher = None  # sharded as well: rank 0 loads the dense model again below, as the drift's reference
+        teacher = reload_dense() if dist.is_main() else None  # the training teacher was sharded too
+        net = sharding.gather(net, lambda: copy.deepcopy(teacher))
     else:
         pruner.finalize()
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
     if teacher is None:  # cross-entropy runs do not keep the dense model while training: load it again
-        notify({"stage": "load", "model": model})
-        teacher = teacher_copy(load_model(model, trust_remote_code=trust_remote_code,
-                                          allow_pickle=allow_pickle).model.to(device))
+        teacher = reload_dense()
     pruned_top1: list = []  # the fp32 model's predictions, for the quantized models' top-1 agreement
     pruned = evaluate("eval-pruned", top1=pruned_top1, reference=teacher)
     evaluation = Evaluation(lambda model, top1: evaluate("eval-quantized", model, top1, teacher), pruned, pruned_top1)

@@ -54,7 +54,8 @@ def check_pattern(pruner) -> None:
 
 @torch.no_grad()
 def gather(model: torch.nn.Module, plain) -> torch.nn.Module | None:
-    """The trained weights, whole and with `w * mask` baked in, in `plain()` (a fresh unsharded model) on rank 0.
+    """The trained weights, whole and with `w * mask` baked in, in `plain()` (an unsharded model of the same
+    architecture, e.g. a copy of the dense one) on rank 0.
 
     Every process must call it (each tensor is all-gathered in turn); the others get None.
     """
