@@ -4,12 +4,19 @@
     python -m benchmarks.recovery --quick         # tiny model from a config, seconds
     python -m benchmarks.recovery --full          # the whole matrix of issue 4
     python -m benchmarks.recovery --peers --seed 1   # issue 11's rows only, another seed
+    python -m benchmarks.recovery --peers --loss kd  # the same rows, every one trained by distillation
 
 The peers (issue 11) are SparseGPT and per-row Wanda as tapc implements them
 (`compressor/oneshot.py`), one-shot on 32 calibration windows of 512 training tokens
 drawn by the seed, then fine-tuned for the same budget with the mask fixed; against
 them, tapc's dynamic job from dense and from the SparseGPT mask. A seed changes the
 batches and the calibration windows; a run with seed N > 0 is stored as `<id>-seedN`.
+Every trained row is trained on cross-entropy (`train.loss: ce`), issue 4's and 11's
+protocol, unless `--loss kd` (or `ce+kd`) trains every row by distillation from the
+dense model instead, the default recovery loss since issue 14 (ids end in `-kd`); such
+rows are compared by their drift from the dense model, KL(dense || pruned) on the
+validation windows, which also picks their learning rate. Every run records that drift
+on the validation and test tokens, whatever its loss.
 
 Every trained method runs tapc's own code (`Pruner`, `TAAdamW` through
 `build_optimizer`, `train`, `perplexity`) from the `quick-cpu` recipe with a few
@@ -40,6 +47,7 @@ from pathlib import Path
 import torch
 
 from compressor.data import load_texts, tokenize, windows
+from compressor.distill import uses_teacher
 from compressor.evaluate import mean_loss, perplexity
 from compressor.calibration import sample_windows
 from compressor.pruner import Pruner, build_pruner
@@ -74,6 +82,7 @@ class Settings:
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_all: bool = False  # True: every trained method gets the LR sweep (the full matrix)
     peers: bool = False  # True: only issue 11's rows (the peers and tapc against them)
+    loss: str = "ce"  # train.loss of every trained row; kd / ce+kd distil from the dense model (issue 14)
     seed: int = 0
     cost_steps: int = 8
     cost_repeats: int = 2
@@ -121,6 +130,7 @@ class Bench:
     model_label: str
     dense_val_loss: float = 0.0
     oneshots: dict = field(default_factory=dict)  # (method, sparsity, pattern) -> (weights, masks, seconds)
+    cache: Path | None = None  # one-shot results on disk, shared by the processes and reruns (OUT/cache)
 
 
 # -- the methods -------------------------------------------------------------------------
@@ -175,14 +185,14 @@ def finetune(lr: float) -> Method:
 PEERS = {"sparsegpt": "SparseGPT", "wanda": "Wanda (per row)"}
 
 
-def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | None = None) -> Method:
+def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | None = None, **ta) -> Method:
     """A one-shot peer (lr None), or the peer then AdamW / TA for the budget with its mask fixed."""
     over = {"prune.sparsity": sparsity, "prune.method": method}
     if lr is None:
         return Method(f"{_sid(sparsity)}-{method}", f"{PEERS[method]} one-shot", "calibrated", sparsity, over)
-    over.update({"optim.lr": lr, "ta.enabled": ta_lr is not None, "ta.lr": ta_lr})
-    opt = "AdamW" if ta_lr is None else f"TA (eta_TA={ta_lr:g})"
-    tag = "adamw" if ta_lr is None else f"ta{ta_lr:g}"
+    over.update({"optim.lr": lr, "ta.enabled": ta_lr is not None, "ta.lr": ta_lr, **{f"ta.{k}": v for k, v in ta.items()}})
+    opt = "AdamW" if ta_lr is None else f"TA (eta_TA={ta_lr:g}" + "".join(f", {k}={v}" for k, v in ta.items()) + ")"
+    tag = "adamw" if ta_lr is None else f"ta{ta_lr:g}" + "".join(f"-{k}-{v}" for k, v in ta.items())
     return Method(f"{_sid(sparsity)}-{method}-{tag}-{_lr_id(lr)}", f"{PEERS[method]}, then {opt}, mask fixed",
                   "calibrated-train", sparsity, over)
 
@@ -206,6 +216,11 @@ def peers(settings: Settings, sparsity: float, lr: float):
     yield peer(sparsity, "wanda", lr)
     yield taylor(sparsity, lr)
     yield peer(sparsity, "sparsegpt", lr, ta)  # TA against AdamW where a one-shot jump is to repair
+    # Issue 11 item 5: the TA term from the gradient before clipping (the thesis' E^beta/||g||
+    # scaling; after clipping the saturation C binds and TA is a normalized gradient step).
+    for ta_lr in (ta, 1.0):
+        yield taylor(sparsity, lr, ta_lr, before_clip=True)
+        yield peer(sparsity, "sparsegpt", lr, ta_lr, before_clip=True)
 
 
 def plan(settings: Settings, runs: dict[str, dict]):
@@ -348,19 +363,26 @@ def recipe_for(bench: Bench, method: Method) -> Recipe:
     over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
             "prune.prune_every": s.prune_every,
-            "train.loss": "ce",  # issues 4 and 11 compare optimizers on cross-entropy (issue 14 adds distillation)
+            "train.loss": s.loss,  # ce: issues 4 and 11 compared optimizers on cross-entropy
             **method.overrides}
     return load_recipe("quick-cpu", over)
 
 
-def evaluate(bench: Bench, net) -> dict:
+def evaluate(bench: Bench, net, split: str = "test", drift: bool = True) -> dict:
+    """Perplexity on the test tokens, and the drift from the dense model (KL, top-1 agreement) on them.
+
+    `split="validation"`: the same on the validation windows the learning rate is chosen on."""
     s = bench.settings
-    return perplexity(net, bench.tokens["test"], s.eval_len, max_tokens=s.eval_windows * s.eval_len,
-                      batch_size=4).to_dict()
+    seq_len, windows_ = (s.eval_len, s.eval_windows) if split == "test" else (s.seq_len, s.val_windows)
+    return perplexity(net, bench.tokens[split], seq_len, max_tokens=windows_ * seq_len, batch_size=4,
+                      reference=bench.model if drift else None).to_dict()
 
 
 def validation_loss(bench: Bench, net) -> float:
     return mean_loss(net, bench.val_windows[: bench.settings.val_windows], 4, "cpu")
+
+
+TRAINED = ("prune", "shock", "finetune", "calibrated-train")
 
 
 def calibrated_pruner(bench: Bench, net, config: PruneConfig) -> Pruner:
@@ -370,11 +392,22 @@ def calibrated_pruner(bench: Bench, net, config: PruneConfig) -> Pruner:
     if method == "dense":
         return build_pruner(net, config, s.steps, bench.calibration)
     key = (method, config.sparsity, config.pattern)
+    # A one-shot result depends on these and on the calibration windows (the seed): minutes
+    # of SparseGPT per process otherwise.
+    stored = (bench.cache / (f"{method}-{_sid(config.sparsity)}-{config.pattern.replace(':', 'of')}-seed{s.seed}-"
+                             f"{s.calib_windows}x{s.oneshot_len}-{config.sparsegpt_block}-{config.sparsegpt_damp:g}.pt")
+              if bench.cache else None)
+    if key not in bench.oneshots and stored is not None and stored.is_file():
+        bench.oneshots[key] = torch.load(stored)
     if key not in bench.oneshots:
         copy_ = copy.deepcopy(bench.model)
         pruner = build_pruner(copy_, config, s.steps, bench.calibration)
         bench.oneshots[key] = ({n: w.detach().clone() for n, w in pruner.weights.items()},
                                {n: m.clone() for n, m in pruner.masks.items()}, pruner.history[0]["seconds"])
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(bench.oneshots[key], stored.with_suffix(f".{os.getpid()}.tmp"))
+            os.replace(stored.with_suffix(f".{os.getpid()}.tmp"), stored)  # whole or absent
     weights, masks, seconds = bench.oneshots[key]
     pruner = Pruner(config, s.steps)
     pruner.prepare(net)
@@ -402,7 +435,7 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
         pruner = calibrated_pruner(bench, net, recipe_for(bench, method).prune)
         result["oneshot_seconds"] = pruner.history[0]["seconds"]
         pruner.finalize()
-    elif method.kind in ("prune", "shock", "finetune", "calibrated-train"):
+    elif method.kind in TRAINED:
         recipe = recipe_for(bench, method)
         pruner = calibrated_pruner(bench, net, recipe.prune) if method.kind != "finetune" else None
         optimizer = build_optimizer(net, recipe, pruner, ref_loss=bench.dense_val_loss)
@@ -417,8 +450,9 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
                          f"sparsity {event['sparsity']:.3f} ({event['seconds']:.0f} s)")
 
         torch.manual_seed(s.seed)
+        teacher = bench.model if uses_teacher(recipe.train) else None  # frozen: each method trains a copy
         log = train(net, pruner, optimizer, bench.train_windows, bench.val_windows, recipe, s.steps,
-                    torch.device("cpu"), progress=report)
+                    torch.device("cpu"), progress=report, teacher=teacher)
         if pruner:
             if pruner.history and pruner.history[0].get("method"):
                 result["oneshot_seconds"] = pruner.history[0]["seconds"]
@@ -428,9 +462,10 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
                        if recipe.ta.enabled else None,
                        "recipe": recipe.model_dump(mode="json")})
         result["val_loss"] = validation_loss(bench, net)
+        result["val_kl"] = evaluate(bench, net, "validation")["kl"]
         if watch:
             result["probe"] = watch.records
-    result["perplexity"] = evaluate(bench, net)
+    result["perplexity"] = evaluate(bench, net, drift=method.kind != "dense")
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -500,6 +535,8 @@ def parse_args(argv=None):
     p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     p.add_argument("--peers", action="store_true", help="only issue 11's rows: the peers and tapc against them")
     p.add_argument("--seed", type=int, help="batches and calibration windows (runs stored as <id>-seedN)")
+    p.add_argument("--loss", choices=["ce", "kd", "ce+kd"],
+                   help="train.loss of every trained row (default ce; others stored as <id>-kd, <id>-ce-kd)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -540,9 +577,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings(**(QUICK if args.quick else FULL if args.full else {}))
-    for key in ("steps", "sparsities", "lrs", "batch_size", "cost_steps", "cost_repeats", "peers", "seed"):
+    for key in ("steps", "sparsities", "lrs", "batch_size", "cost_steps", "cost_repeats", "peers", "seed", "loss"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
+    if settings.loss != "ce" and not settings.peers:
+        raise SystemExit(f"--loss {settings.loss} runs issue 11's rows only: add --peers (issue 4's matrix is "
+                         "on cross-entropy)")
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = _load_runs(runs_dir, settings)
@@ -550,6 +590,8 @@ def main(argv=None) -> dict:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         bench, failed = None, False
         for method in plan(settings, runs):
+            if settings.loss != "ce" and method.kind in TRAINED:
+                method.id = f"{method.id}-{settings.loss.replace('+', '-')}"
             if settings.seed:
                 method.id = f"{method.id}-seed{settings.seed}"
             if method.id in runs or (method.kind == "cost" and args.no_cost) or (args.only and method.id not in args.only):
@@ -559,7 +601,9 @@ def main(argv=None) -> dict:
             lock = runs_dir / f"{method.id}.lock"
             if not _take(lock):
                 continue
-            bench = bench or load_bench(settings, args.model, args.dataset, args.quick)
+            if bench is None:
+                bench = load_bench(settings, args.model, args.dataset, args.quick)
+                bench.cache = args.out / "cache"
             log(f"[{time.strftime('%H:%M:%S')}] {method.id}: {method.label}")
             try:
                 if method.kind == "cost":

@@ -11,6 +11,15 @@ time instead of slowing down with the gradient. E is the batch loss, or its exce
 over a reference loss (`target="reference"`), since a language model's loss never
 reaches 0. Norms and dot products run over all parameters together.
 
+Gradients are usually clipped (to norm 1) before the optimizer sees them. By default the
+term is computed from the clipped gradient g_c: then ||Psi|| = gamma * E^beta / ||g_c|| is
+at least E^beta, so once the loss exceeds C^(1/beta) the saturation always binds and the
+term is a normalized gradient step of length eta_TA * tanh(kE) * C. With
+`before_clip=True` it is computed from the gradient before clipping, as the thesis has
+it: Psi = gamma * E^beta / ||g||^2 * g, ||Psi|| = gamma * E^beta / ||g||, so the step
+shrinks where the gradient is large and C binds only where ||g|| < gamma * E^beta / C.
+(Same direction: g is g_c scaled up, so the step is applied along g_c.)
+
 With `ta_lr=0` the step is exactly `torch.optim.AdamW` (single-tensor path). Masked
 weights (`masks`) are left alone: neither Adam, weight decay nor TA moves them; their
 gradients are zeroed in place (unless the caller did, `grads_masked=True`) and their
@@ -48,16 +57,19 @@ class TAAdamW(torch.optim.Optimizer):
         clip: float = 1.0,
         k: float = 1.0,
         space: str = "gradient",
+        before_clip: bool = False,
         ref_loss: float | None = None,
         masks: dict[torch.Tensor, torch.Tensor] | None = None,
         grads_masked: bool = False,
     ):
         if space not in ("gradient", "adam"):
             raise ValueError(f"unknown TA space {space!r}; choose gradient or adam")
+        if before_clip and space != "gradient":
+            raise ValueError("the TA term before clipping is defined in the gradient space (space='gradient')")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.ta = {"lr": ta_lr, "gamma": gamma, "beta": beta, "eps": ta_eps, "clip": clip, "k": k,
-                   "space": space, "ref_loss": ref_loss}
+                   "space": space, "ref_loss": ref_loss, "before_clip": before_clip}
         self.masks = masks or {}
         self.grads_masked = grads_masked  # the caller zeroes masked gradients before step()
         self._mask_versions: dict[torch.Tensor, int] = {}  # each mask's version when momentum was last masked
@@ -80,9 +92,11 @@ class TAAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, *, loss: float | None = None,
-             grad_norm: float | torch.Tensor | None = None):
+             grad_norm: float | torch.Tensor | None = None, unclipped_norm: float | torch.Tensor | None = None):
         """`grad_norm`: the global norm of the (masked, clipped) gradients when the caller
-        knows it, as after clipping; it saves the TA term a pass over the gradients."""
+        knows it, as after clipping; it saves the TA term a pass over the gradients.
+        `unclipped_norm`: their norm before clipping (the TA term uses it with `before_clip`;
+        without it the gradients are taken as unclipped)."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -146,7 +160,13 @@ class TAAdamW(torch.optim.Optimizer):
             sq_norm = torch.stack(sq_norms).double().sum().item() if sq_norms else 0.0
             if self.sharded and not norm_known:  # each process summed over its shards
                 dot, sq_norm = dist.sum_shards([dot, sq_norm])
-            self._ta_step(float(loss), dot, sq_norm if sq_norms else dot)
+            if sq_norms:
+                self._ta_step(float(loss), dot, sq_norm)
+            elif self.ta["before_clip"] and unclipped_norm is not None:
+                # Psi along g = g_c * ||g|| / ||g_c||: <g, g> = ||g||^2, applied to g_c.
+                self._ta_step(float(loss), float(unclipped_norm) * math.sqrt(dot), dot)
+            else:
+                self._ta_step(float(loss), dot, dot)
         return loss
 
     @torch.no_grad()

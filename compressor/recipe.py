@@ -102,6 +102,15 @@ class TAConfig(_Section):
     space: Literal["gradient", "adam"] = Field(
         "gradient", description="TA direction: the raw gradient (thesis) or Adam's step"
     )
+    before_clip: bool = Field(
+        False, description="compute the term from the gradient before optim.grad_clip (thesis scaling "
+        "E^beta/||g||); false: after clipping, where C binds once the loss is above C^(1/beta)")
+
+    @model_validator(mode="after")
+    def _before_clip_in_gradient_space(self):
+        if self.before_clip and self.space != "gradient":
+            raise ValueError("ta.before_clip needs ta.space: gradient")
+        return self
 
 
 class TrainConfig(_Section):

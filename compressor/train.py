@@ -71,7 +71,7 @@ def build_optimizer(model, recipe: Recipe, pruner: Pruner | None, ref_loss: floa
         [p for p in model.parameters() if p.requires_grad],
         lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
         ta_lr=ta_lr, gamma=ta.gamma, beta=ta.beta, ta_eps=ta.eps, clip=ta.clip, k=ta.k,
-        space=ta.space, ref_loss=dense_loss(recipe.train, ref_loss) if ta.target == "reference" else None,
+        space=ta.space, before_clip=ta.before_clip, ref_loss=dense_loss(recipe.train, ref_loss) if ta.target == "reference" else None,
         masks=pruner.param_masks() if pruner else None,
         grads_masked=pruner is not None,  # Trainer.train_step masks them before clipping
     )
@@ -179,12 +179,13 @@ class Trainer:
             loss = 0.0  # the KD loss of a model equal to its teacher
             self.optimizer.last_ta = {}
         else:
-            norm, clip = None, self.recipe.optim.grad_clip
+            norm, unclipped, clip = None, None, self.recipe.optim.grad_clip
             if clip:
-                # The norm after clipping is what the TA term needs: it is known here for free
-                # (a tensor: the optimizer reads it only when TA is on, so AdamW never syncs for it).
-                norm = dist.clip_grad_norm_(self.params, clip).clamp(max=clip)
-            self.optimizer.step(loss=loss, grad_norm=norm)
+                # The norms before and after clipping are what the TA term needs: known here for
+                # free (tensors: the optimizer reads them only when TA is on, so AdamW never syncs).
+                unclipped = dist.clip_grad_norm_(self.params, clip)
+                norm = unclipped.clamp(max=clip)
+            self.optimizer.step(loss=loss, grad_norm=norm, unclipped_norm=unclipped)
         with warnings.catch_warnings():  # a scoring-only first step: the schedule still counts it
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()

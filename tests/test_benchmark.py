@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from benchmarks import recovery, recovery_report
 
 from .conftest import SHARED_DATA
@@ -89,6 +91,26 @@ def test_peer_rows_average_over_seeds(tmp_path):
     assert peers["s50-sparsegpt-adamw-lr0.003"]["val_loss"] is not None
     md = (out / "results.md").read_text()
     assert "## Against the peers (issue 11)" in md and "| SparseGPT, then AdamW, mask fixed |" in md
+
+
+def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
+    """`--loss kd`: every trained row distils from the dense model, is stored apart from the CE rows
+    (ids end in -kd), records its drift on validation and test tokens, and reuses the one-shot mask from disk."""
+    out = tmp_path / "bench"
+    base = ["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003", "--no-cost"]
+    ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003-kd", "s50-taylor-ta0.1-lr0.003-kd"]
+    result = recovery.main([*base, "--loss", "kd", "--only", ",".join(ids)])
+    assert set(result["summary"]["peers"]) == set(ids)
+    assert list((out / "cache").glob("sparsegpt-s50-*.pt"))  # the next process loads it instead of recomputing
+    for run_id in ids[1:]:
+        run = json.loads((out / "runs" / f"{run_id}.json").read_text())
+        assert run["recipe"]["train"]["loss"] == "kd"
+        assert run["val_kl"] > 0 and run["perplexity"]["kl"] > 0 and 0 < run["perplexity"]["agreement"] < 1
+    assert set(result["summary"]["rows"]) == {"s50-sparsegpt"}  # issue 4's tables: cross-entropy only
+    md = (out / "results.md").read_text()
+    assert "Trained by distillation from the dense model" in md and "| kd | `s50-taylor-ta0.1-lr0.003-kd` |" in md
+    with pytest.raises(SystemExit, match="add --peers"):
+        recovery.main([a for a in base if a != "--peers"] + ["--loss", "kd"])
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):

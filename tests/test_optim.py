@@ -75,6 +75,39 @@ def test_ta_term_takes_the_known_gradient_norm():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ta_term_before_clipping_uses_the_unclipped_gradient():
+    """before_clip: Psi = gamma E^beta / ||g||^2 * g of the gradient before clipping (thesis),
+    where the default, after clipping, saturates (||Psi|| = E^beta / ||g_c|| >= E^beta > C)."""
+    lr, ta_lr, loss, grad_clip = 1e-3, 0.5, 2.7, 1.0
+    steps = {}
+    for before_clip in (False, True):
+        params, ref = _params(), _params()
+        _grads(0, params)
+        _grads(0, ref)
+        raw = [p.grad.clone() for p in params]
+        unclipped = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(ref, grad_clip)
+        assert unclipped > 3 * grad_clip  # the raw gradient is much longer than the clip
+        opt = TAAdamW(params, lr=lr, weight_decay=0.0, ta_lr=ta_lr, before_clip=before_clip)
+        opt.step(loss=loss, grad_norm=unclipped.clamp(max=grad_clip), unclipped_norm=unclipped)
+        torch.optim.AdamW(ref, lr=lr, weight_decay=0.0, foreach=False).step()
+        steps[before_clip] = [a.detach() - b.detach() for a, b in zip(params, ref)]  # the TA part of the step
+        if before_clip:
+            g2 = float(unclipped.double()) ** 2
+            psi_norm = loss**0.5 / math.sqrt(g2)
+            assert psi_norm < 1.0  # C = 1 does not bind here
+            for step, g in zip(steps[True], raw):
+                torch.testing.assert_close(step, -ta_lr * math.tanh(loss) * loss**0.5 / g2 * g, rtol=1e-4, atol=1e-7)
+            assert not opt.last_ta["saturated"]
+        else:
+            assert opt.last_ta["saturated"]
+    length = lambda ds: math.sqrt(sum(float((d.double() ** 2).sum()) for d in ds))  # noqa: E731
+    assert length(steps[False]) == pytest.approx(ta_lr * math.tanh(loss) * 1.0, rel=1e-4)  # eta_TA tanh(kE) C
+    assert length(steps[True]) == pytest.approx(ta_lr * math.tanh(loss) * loss**0.5 / float(unclipped), rel=1e-4)
+    with pytest.raises(ValueError, match="gradient space"):
+        TAAdamW(_params(), ta_lr=1.0, space="adam", before_clip=True)
+
+
 def test_ta_term_saturates_at_clip():
     params = _params()
     _grads(0, params)
@@ -123,3 +156,36 @@ def test_ta_needs_the_loss():
     _grads(0, params)
     with pytest.raises(ValueError, match="needs the loss"):
         TAAdamW(params, ta_lr=1.0).step()
+
+
+def test_training_passes_the_norm_before_clipping_to_the_ta_term():
+    """`ta.before_clip` in a real training step: the coefficient is gamma E^beta tanh(kE) eta_TA / (||g|| ||g_c||),
+    with ||g|| the gradient's norm before `optim.grad_clip`, measured here on the same batch."""
+    from compressor.recipe import load_recipe
+    from compressor.train import BatchOrder, build_optimizer, train
+
+    from .conftest import build_model
+
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    grad_clip = 1e-2  # far below the gradient's norm
+    coefs = {}
+    for before_clip in (False, True):
+        model = build_model("llama", 64, init_range=0.2).train()
+        recipe = load_recipe("quick-cpu", {"optim.grad_clip": grad_clip, "optim.weight_decay": 0.0, "ta.lr": 0.5,
+                                           "ta.clip": 1e6, "ta.before_clip": before_clip, "train.loss": "ce",
+                                           "train.eval_every": 0, "train.batch_size": 1})
+        probe = build_model("llama", 64, init_range=0.2).train()
+        ids = BatchOrder(windows, 1, recipe.seed)(0)
+        loss = probe(input_ids=ids, labels=ids).loss
+        loss.backward()
+        raw = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in probe.parameters()))
+        assert raw > 10 * grad_clip
+        log = train(model, None, build_optimizer(model, recipe, None, None), windows, windows, recipe, 1,
+                    torch.device("cpu"))
+        energy = log.loss[0]
+        assert energy == pytest.approx(loss.item(), rel=1e-5)
+        seen = raw if before_clip else grad_clip  # the norm of the gradient the term is computed from
+        coefs[before_clip] = log.ta_coef[0]
+        expected = 0.5 * math.tanh(energy) * energy**0.5 / (seen * grad_clip + 1e-8)  # ta.eps 1e-8
+        assert log.ta_coef[0] == pytest.approx(expected, rel=1e-4)
+    assert coefs[True] < coefs[False] / 10

@@ -53,6 +53,7 @@ def test_overrides_win():
         ("prune: {sparsity: high}\n", "prune.sparsity: Input should be a valid number"),
         ("prune: {sparsity: 1.5}\n", "prune.sparsity"),
         ("prune: {warmup: 0.5, final: 0.4}\n", "must be after prune.warmup"),
+        ("ta: {space: adam, before_clip: true}\n", "ta.before_clip needs ta.space: gradient"),
         ("optim: [1, 2\n", "not valid YAML"),
         ("- 1\n- 2\n", "must be a YAML mapping"),
     ],
