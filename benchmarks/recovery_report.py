@@ -248,7 +248,7 @@ PEER_KINDS = ("calibrated", "calibrated-train")
 
 def _loss(run: dict) -> str | None:
     """The run's train.loss; None for a row that was never trained (a one-shot peer)."""
-    return run["recipe"]["train"]["loss"] if "recipe" in run else None
+    return run["recipe"]["train"].get("loss", "ce") if "recipe" in run else None  # older runs: ce
 
 
 def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str], dict]:
@@ -272,6 +272,10 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
             continue  # issue 4's variants (other TA settings) stay in their own tables
         row = {"id": base, "label": first["label"], "sparsity": first["sparsity"], "seeds": len(group),
                "loss": _loss(first), "oneshot_seconds": first.get("oneshot_seconds")}
+        # The one-shot mask's jump (probe loss over the dense model's) and the steps to repair half of it.
+        landed = [p[0] for p in map(probe_recovery, group) if p and p[0]["step"] == 0]
+        row["oneshot_jump"] = statistics.fmean(x["jump"] for x in landed) if landed else None
+        row["half_steps"] = [x["half"] if x["half"] is not None else f">{x['probed']}" for x in landed]
         for key, values in (("ppl", [r["perplexity"]["ppl"] for r in group]),
                             ("kl", [r["perplexity"].get("kl") for r in group]),
                             ("agreement", [r["perplexity"].get("agreement") for r in group]),
@@ -294,14 +298,16 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
                   "ranked by KL(dense || pruned) on the validation windows; KL and top-1 agreement with the dense "
                   "model on the test tokens of the PPL.", "",
                   "| sparsity | method | loss | id | seeds | PPL mean | PPL sd | KL mean | KL sd | top-1 | "
-                  "val KL mean | val KL sd |",
-                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "val KL mean | val KL sd | one-shot jump, steps to half |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         shown = [r for r in rows.values() if r["loss"] is None and r["sparsity"] in {d["sparsity"] for d in distilled}]
         for r in sorted(shown + distilled, key=lambda r: (r["sparsity"], r["val_kl"] is not None,
                                                             r["val_kl"] or r["kl"] or r["ppl"])):
             lines.append(f"| {r['sparsity']:.0%} | {r['label']} | {r['loss'] or '-'} | `{r['id']}` | {r['seeds']} | "
                          f"{r['ppl']:.2f} | {f(r['ppl_sd'], '.2f')} | {f(r['kl'], '.4f')} | {f(r['kl_sd'], '.4f')} | "
-                         f"{f(r['agreement'], '.1%')} | {f(r['val_kl'], '.4f')} | {f(r['val_kl_sd'], '.4f')} |")
+                         f"{f(r['agreement'], '.1%')} | {f(r['val_kl'], '.4f')} | {f(r['val_kl_sd'], '.4f')} | "
+                         + (f"{r['oneshot_jump']:+.1%}: {', '.join(map(str, r['half_steps']))} |"
+                            if r["half_steps"] else "- |"))
     return lines, rows
 
 

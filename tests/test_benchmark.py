@@ -107,6 +107,9 @@ def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
         assert run["recipe"]["train"]["loss"] == "kd"
         assert run["val_kl"] > 0 and run["perplexity"]["kl"] > 0 and 0 < run["perplexity"]["agreement"] < 1
     assert set(result["summary"]["rows"]) == {"s50-sparsegpt"}  # issue 4's tables: cross-entropy only
+    # The one-shot mask's jump, probed from before step 1 until half of it is repaired.
+    landed = json.loads((out / "runs" / f"{ids[1]}.json").read_text())["probe"][0]
+    assert landed["step"] == 0 and landed["before"] > 0 and landed["trace"][0] != landed["before"]
     md = (out / "results.md").read_text()
     assert "Trained by distillation from the dense model" in md and "| kd | `s50-taylor-ta0.1-lr0.003-kd` |" in md
     with pytest.raises(SystemExit, match="add --peers"):
