@@ -197,6 +197,13 @@ def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | N
                   "calibrated-train", sparsity, over)
 
 
+def scored_by_ce(sparsity: float, lr: float, ta_lr: float | None) -> Method:
+    """tapc's dynamic job trained by distillation with Taylor scores from the CE gradient (`prune.score_loss: ce`)."""
+    base = taylor(sparsity, lr, ta_lr)
+    return Method(base.id.replace("-taylor-", "-taylor-cescore-"), f"{base.label}, scores from the CE gradient",
+                  "prune", sparsity, {**base.overrides, "prune.score_loss": "ce"})
+
+
 def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Method:
     """tapc's dynamic job (Taylor scores, regrowth) whose first mask is a one-shot peer's."""
     base = taylor(sparsity, lr, ta_lr)
@@ -219,6 +226,14 @@ def peers(settings: Settings, sparsity: float, lr: float):
     # clipping at the same eta_TA: eta_TA 1 gives steps of the size the default's 0.1 does.
     yield taylor(sparsity, lr, 1.0, before_clip=True)
     yield peer(sparsity, "sparsegpt", lr, 1.0, before_clip=True)
+    if settings.loss != "ce":
+        # The KD gradient at the teacher is zero: |w * g| then scores the student's mismatch,
+        # not what removing a weight costs. Scores from the CE gradient (one more backward).
+        yield scored_by_ce(sparsity, lr, ta)
+        # Under distillation E = KL is ~0.2-0.6, so the term after clipping is no longer
+        # saturated and is tanh(kE) E^beta ~ 0.1-0.4 of eta_TA: eta_TA 0.1 (chosen on CE, where
+        # the saturated step is eta_TA) is ~1% of Adam's step. eta_TA 1 diverged only on CE.
+        yield taylor(sparsity, lr, 1.0)
     yield taylor(sparsity, lr)
     yield peer(sparsity, "sparsegpt", lr, ta)  # TA against AdamW where a one-shot jump is to repair
     yield peer(sparsity, "wanda", lr)

@@ -276,6 +276,10 @@ class Pruner:
         return self.history[-1]["sparsity"] if self.history else 0.0
 
     # -- every step ----------------------------------------------------------------------
+    def scoring(self, step: int) -> bool:
+        """Whether step `step`'s gradients feed the scores (a gradient saliency, mask not yet fixed)."""
+        return self.config.saliency in NEEDS_GRADIENT and step <= self.final_step and not self.fixed
+
     @torch.no_grad()
     def observe(self, step: int) -> None:
         """Fold this step's gradients into the running average of Taylor scores.
@@ -283,7 +287,7 @@ class Pruner:
         Call after backward and before `mask_gradients_`: masked weights need their
         straight-through gradient to be scored. Nothing to do once the mask is fixed.
         """
-        if self.config.saliency not in NEEDS_GRADIENT or step > self.final_step or self.fixed:
+        if not self.scoring(step):
             return
         beta = self.config.score_momentum
         for name, weight in self.weights.items():

@@ -39,6 +39,10 @@ class PruneConfig(_Section):
     saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or global-wanda (|w|*||x||, "
                                                 "ranked over the whole model, unlike the Wanda paper)")
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
+    score_loss: Literal["train", "ce"] = Field(
+        "train", description="the loss whose gradient taylor scores use: the training loss, or next-token "
+        "cross-entropy on the same batch (with train.loss kd: one more forward and backward a step until the mask "
+        "is fixed; the KD gradient measures the student's mismatch with its teacher, not a weight's importance)")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
     tau: float = Field(0.15, gt=0.0, description="time constant, fraction of the run")

@@ -145,7 +145,12 @@ class Trainer:
         return (self.score_before_first_mask and self.recipe.train.loss == "kd" and self.pruner is not None
                 and not self.pruner.fixed and not self.pruner.history)
 
-    def _forward_backward(self, step: int, cfg=None) -> float:
+    def scores_apart(self, step: int) -> bool:
+        """Taylor scores from a cross-entropy gradient of their own (`prune.score_loss: ce`) this step."""
+        return (self.recipe.prune.score_loss == "ce" and self.recipe.train.loss != "ce" and self.pruner is not None
+                and self.pruner.scoring(step))
+
+    def _forward_backward(self, step: int, cfg=None, count: bool = True) -> float:
         cfg, world, rank = cfg or self.recipe.train, dist.world_size(), dist.rank()
         per_rank = cfg.batch_size // world
         loss = 0.0
@@ -156,7 +161,8 @@ class Trainer:
                 micro_loss = recovery_loss(self.model, self.teacher, ids, cfg)
             (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.item() / cfg.grad_accum
-            self.log.tokens += batch.numel()
+            if count:  # a scoring pass reads the step's batch a second time
+                self.log.tokens += batch.numel()
         # Every rank then holds the global gradient (sharded: its shard of it) and loss: scores,
         # masks and the TA term (global loss, global gradient norm) come out as on one process.
         if self.sharded:
@@ -167,12 +173,18 @@ class Trainer:
         """One optimizer step. Returns the mask update record, if any; raises on a bad loss."""
         step = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        scoring = self.scoring_only()
-        loss = self._forward_backward(step, self.recipe.train.model_copy(update={"loss": "ce"}) if scoring else None)
+        scoring, ce = self.scoring_only(), self.recipe.train.model_copy(update={"loss": "ce"})
+        apart = not scoring and self.scores_apart(step)
+        if apart:  # the scores from the CE gradient on this batch, then the training gradient afresh
+            self._forward_backward(step, ce, count=False)
+            self.pruner.observe(step)
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = self._forward_backward(step, ce if scoring else None)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         if self.pruner:
-            self.pruner.observe(step)
+            if not apart:
+                self.pruner.observe(step)
             self.pruner.mask_gradients_()
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
         if scoring:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -144,3 +145,47 @@ def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask(
     assert pruner.history and not trainer.scoring_only()
     trainer.train_step()
     assert trainer.log.loss[-1] > 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was():
+    """`prune.score_loss: ce` with kd: after the first mask, the Taylor scores come from the CE gradient on the
+    step's batch (one more forward and backward) while the weights move exactly as with scores from the KD loss."""
+    from compressor.pruner import Pruner
+    from compressor.recipe import Recipe
+    from compressor.saliency import get_criterion
+    from compressor.train import Trainer, build_optimizer
+
+    windows = torch.randint(97, (16, 16), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for score_loss in ("train", "ce"):
+        recipe = Recipe.model_validate({
+            "prune": {"sparsity": 0.5, "prune_every": 2, "warmup": 0.0, "tau": 0.2, "final": 0.8,
+                      "score_loss": score_loss},
+            "optim": {"lr": 1e-3}, "ta": {"lr": 1e-2}, "train": {"steps": 10, "batch_size": 2, "eval_every": 0,
+                                                                  "loss": "kd"},
+        })
+        model = build_model("llama", 97, init_range=0.2).train()
+        pruner = Pruner(recipe.prune, 10).prepare(model)
+        trainer = Trainer(model, pruner, build_optimizer(model, recipe, pruner, 0.0), windows, windows[:2], recipe,
+                          10, torch.device("cpu"), teacher_copy(model))
+        while not pruner.history:
+            trainer.train_step()  # scoring-only steps (CE either way) up to the first mask
+        assert trainer.scores_apart(trainer.step + 1) == (score_loss == "ce")
+        # This step's CE gradient, on a copy, for the score it should fold in.
+        probe = copy.deepcopy(model)
+        ids = trainer.batches(trainer.step)
+        probe(input_ids=ids, labels=ids).loss.backward()
+        old = {n: s.clone() for n, s in pruner.scores.items()}
+        trainer.train_step()
+        runs[score_loss] = ({n: p.detach().clone() for n, p in model.named_parameters()},
+                            {n: s.clone() for n, s in pruner.scores.items()}, old, probe, trainer.log.tokens)
+    (w_train, s_train, _, _, tokens_train), (w_ce, s_ce, old, probe, tokens_ce) = runs["train"], runs["ce"]
+    assert all(torch.equal(w_train[n], w_ce[n]) for n in w_train)  # the training step itself is unchanged
+    assert tokens_ce == tokens_train  # the scoring pass does not count as training tokens
+    assert any(not torch.equal(s_train[n], s_ce[n]) for n in s_ce)
+    criterion, beta = get_criterion("taylor"), 0.9
+    grads = dict(probe.named_parameters())
+    for name, score in s_ce.items():
+        param = name + ".parametrizations.weight.original"
+        w, g = grads[param].detach(), grads[param].grad
+        torch.testing.assert_close(score, old[name] * beta + criterion(w, g) * (1 - beta), rtol=1e-4, atol=1e-8)
