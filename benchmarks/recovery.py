@@ -220,6 +220,10 @@ def peers(settings: Settings, sparsity: float, lr: float):
     yield taylor(sparsity, lr, ta)  # the default job
     yield peer(sparsity, "sparsegpt", lr)
     yield started(sparsity, "sparsegpt", lr, ta)
+    if settings.loss != "ce":
+        # The KD gradient at the teacher is zero: |w * g| then scores the student's mismatch,
+        # not what removing a weight costs. Scores from the CE gradient (one more backward).
+        yield scored_by_ce(sparsity, lr, ta)
     # Item 5: the TA term from the gradient before clipping (the thesis' E^beta/||g|| scaling;
     # after clipping to norm 1 it is a normalized gradient step). SmolLM2's gradients before
     # clipping have norm ~6-8 (CE) and ~3-4 (KD) at 50%, so the term is 4-7x shorter than after
@@ -227,9 +231,6 @@ def peers(settings: Settings, sparsity: float, lr: float):
     yield taylor(sparsity, lr, 1.0, before_clip=True)
     yield peer(sparsity, "sparsegpt", lr, 1.0, before_clip=True)
     if settings.loss != "ce":
-        # The KD gradient at the teacher is zero: |w * g| then scores the student's mismatch,
-        # not what removing a weight costs. Scores from the CE gradient (one more backward).
-        yield scored_by_ce(sparsity, lr, ta)
         # Under distillation E = KL is ~0.2-0.6, so the term after clipping is no longer
         # saturated and is tanh(kE) E^beta ~ 0.1-0.4 of eta_TA: eta_TA 0.1 (chosen on CE, where
         # the saturated step is eta_TA) is ~1% of Adam's step. eta_TA 1 diverged only on CE.
