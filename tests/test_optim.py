@@ -97,7 +97,8 @@ def test_ta_term_before_clipping_uses_the_unclipped_gradient():
             psi_norm = loss**0.5 / math.sqrt(g2)
             assert psi_norm < 1.0  # C = 1 does not bind here
             for step, g in zip(steps[True], raw):
-                torch.testing.assert_close(step, -ta_lr * math.tanh(loss) * loss**0.5 / g2 * g, rtol=1e-4, atol=1e-7)
+                # One float32 rounding of a weight of magnitude up to ~4 (an ulp: 4.8e-7) bounds the error.
+                torch.testing.assert_close(step, -ta_lr * math.tanh(loss) * loss**0.5 / g2 * g, rtol=1e-4, atol=1e-6)
             assert not opt.last_ta["saturated"]
         else:
             assert opt.last_ta["saturated"]
