@@ -71,7 +71,8 @@ def build_optimizer(model, recipe: Recipe, pruner: Pruner | None, ref_loss: floa
         [p for p in model.parameters() if p.requires_grad],
         lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
         ta_lr=ta_lr, gamma=ta.gamma, beta=ta.beta, ta_eps=ta.eps, clip=ta.clip, k=ta.k,
-        space=ta.space, before_clip=ta.before_clip, ref_loss=dense_loss(recipe.train, ref_loss) if ta.target == "reference" else None,
+        space=ta.space, before_clip=ta.before_clip,
+        ref_loss=dense_loss(recipe.train, ref_loss) if ta.target == "reference" else None,
         masks=pruner.param_masks() if pruner else None,
         grads_masked=pruner is not None,  # Trainer.train_step masks them before clipping
     )
