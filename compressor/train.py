@@ -139,6 +139,7 @@ class Trainer:
         self.sharded = any(dist.is_sharded(p) for p in self.params)  # FSDP2: it reduces the gradients itself
         self.autocast = recipe.train.mixed_precision == "bf16"
         self.score_before_first_mask = True  # see scoring_only(); a dry run times full steps instead
+        self.ce = recipe.train.model_copy(update={"loss": "ce"})  # the loss scores may take their gradient from
 
     # -- one step ------------------------------------------------------------------------
     def scoring_only(self) -> bool:
@@ -174,7 +175,7 @@ class Trainer:
         """One optimizer step. Returns the mask update record, if any; raises on a bad loss."""
         step = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        scoring, ce = self.scoring_only(), self.recipe.train.model_copy(update={"loss": "ce"})
+        scoring, ce = self.scoring_only(), self.ce
         apart = not scoring and self.scores_apart(step)
         if apart:  # the scores from the CE gradient on this batch, then the training gradient afresh
             self._forward_backward(step, ce, count=False)
