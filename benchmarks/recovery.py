@@ -101,7 +101,7 @@ class Settings:
 
 QUICK = dict(steps=8, seq_len=32, batch_size=2, prune_every=2, eval_len=64, eval_windows=4, val_windows=2,
              probe_windows=2, shock_window=3, calib_windows=4, calib_len=32, oneshot_len=32, lrs=[1e-3, 3e-3], ta_lrs=[1e-2], sparsities=[0.5],
-             cost_steps=3, cost_repeats=1)
+             cost_steps=5, cost_repeats=1)
 FULL = dict(sweep_all=True)
 
 
@@ -269,6 +269,8 @@ def plan(settings: Settings, runs: dict[str, dict]):
     if settings.peers:
         for s in settings.sparsities:
             yield from peers(settings, s, settings.lrs[len(settings.lrs) // 2])
+        if settings.loss != "ce":  # the step under distillation: the teacher, and the CE scores' extra pass
+            yield Method("cost", "step time and peak memory", "cost", settings.sparsities[0])
         return
     yield from oneshots(first)
     yield taylor(first, centre)
@@ -616,7 +618,7 @@ def main(argv=None) -> dict:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         bench, failed = None, False
         for method in plan(settings, runs):
-            if settings.loss != "ce" and method.kind in TRAINED:
+            if settings.loss != "ce" and method.kind in (*TRAINED, "cost"):
                 method.id = f"{method.id}-{settings.loss.replace('+', '-')}"
             if settings.seed:
                 method.id = f"{method.id}-seed{settings.seed}"

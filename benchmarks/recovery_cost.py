@@ -10,6 +10,10 @@ Step time is split in two: the steady step (forward, backward, Taylor scores, ma
 gradients, TA term) and the mask update (global threshold over all scores), which
 happens once every `prune_every` steps; the amortized time adds one update per
 `prune_every` steps, the rate of the recipe.
+
+With a teacher loss (`--peers --loss kd`, id `cost-kd`) every configuration distils from
+a frozen dense copy, as the shipped recipes do, and a third one adds `prune.score_loss:
+ce` (one more cross-entropy forward and backward of the student on every scoring step).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class PeakRSS:
 def _child(conn, config, state_path, train_windows, recipe_json, prune, steps, threads):
     from transformers import AutoModelForCausalLM
 
+    from compressor.distill import uses_teacher
     from compressor.pruner import Pruner
     from compressor.recipe import validate_recipe
     from compressor.train import build_optimizer, train
@@ -66,17 +71,22 @@ def _child(conn, config, state_path, train_windows, recipe_json, prune, steps, t
     if getattr(config, "quantization_config", None) is not None:
         config = copy.deepcopy(config)
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(torch.load(state_path, weights_only=True), strict=False)
-    model.tie_weights()
-    recipe = validate_recipe(recipe_json)
+
+    def load():
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(torch.load(state_path, weights_only=True), strict=False)
+        model.tie_weights()
+        return model
+
+    model, recipe = load(), validate_recipe(recipe_json)
+    teacher = load().eval().requires_grad_(False) if uses_teacher(recipe.train) else None
     seconds = []
     base = _rss()
     with PeakRSS() as peak:
         pruner = Pruner(recipe.prune, steps).prepare(model) if prune else None
         optimizer = build_optimizer(model, recipe, pruner, ref_loss=0.0)
         log = train(model, pruner, optimizer, train_windows, train_windows, recipe, steps, torch.device("cpu"),
-                    progress=lambda e: seconds.append(e["seconds"]))
+                    progress=lambda e: seconds.append(e["seconds"]), teacher=teacher)
     durations = [b - a for a, b in zip([0.0] + seconds, seconds)]
     conn.send({"durations": durations, "update_steps": [u["step"] for u in log.mask_updates],
                "base_rss": base, "peak_rss": peak.peak})
@@ -99,7 +109,9 @@ def _run_child(ctx, args) -> dict:
 
 def _summary(run: dict, prune_every: int) -> dict:
     updates = set(run["update_steps"])
-    steady = [d for i, d in enumerate(run["durations"], 1) if i > 1 and i not in updates]
+    # Step 1 warms up; a KD run only scores until its first mask (the student is its teacher).
+    first = min(updates, default=1)
+    steady = [d for i, d in enumerate(run["durations"], 1) if i > first and i not in updates]
     step = statistics.median(steady)
     update = statistics.fmean(run["durations"][i - 1] for i in updates) - step if updates else 0.0
     return {"step_s": step, "update_extra_s": update, "amortized_s": step + update / prune_every,
@@ -115,6 +127,8 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     import multiprocessing
     import tempfile
 
+    from compressor.distill import uses_teacher
+
     from .recovery import Method
 
     s = bench.settings
@@ -122,17 +136,20 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     plain = recipe_for(bench, Method("", "", "finetune", 0.0, {"ta.enabled": False, "train.steps": steps}))
     # Prune through the whole run (final = 1.0) so that every step pays for the scores,
     # and update the mask every 3 steps so that a few updates are timed.
-    tapc = recipe_for(bench, Method("", "", "prune", method.sparsity, {
-        "train.steps": steps, "prune.sparsity": method.sparsity, "prune.warmup": 0.0, "prune.final": 1.0,
-        "prune.prune_every": 3, "ta.enabled": True, "ta.lr": 1e-2}))
+    over = {"train.steps": steps, "prune.sparsity": method.sparsity, "prune.warmup": 0.0, "prune.final": 1.0,
+            "prune.prune_every": 3, "ta.enabled": True, "ta.lr": 1e-2}
+    tapc = lambda **more: recipe_for(bench, Method("", "", "prune", method.sparsity, {**over, **more}))  # noqa: E731
+    configs = {"adamw": (plain, False), "prune+ta": (tapc(), True)}
+    if uses_teacher(plain.train):
+        configs["prune+ta, CE scores"] = (tapc(**{"prune.score_loss": "ce"}), True)
     ctx = multiprocessing.get_context("spawn") if isolate else None
-    runs = {"adamw": [], "prune+ta": []}
+    runs = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         state_path = Path(tmp) / "state.pt"
         torch.save(bench.model.state_dict(), state_path)
         batch = bench.train_windows[: steps * s.batch_size + s.batch_size]
         for r in range(s.cost_repeats):
-            for name, recipe, prune in (("adamw", plain, False), ("prune+ta", tapc, True)):
+            for name, (recipe, prune) in configs.items():
                 log(f"  cost: {name} run {r + 1}/{s.cost_repeats}, {steps} steps")
                 raw = _run_child(ctx, (bench.model.config, state_path, batch, recipe.model_dump(mode="json"),
                                        prune, steps, torch.get_num_threads()))
@@ -142,6 +159,7 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     return {
         "id": method.id, "label": method.label, "kind": "cost", "sparsity": method.sparsity,
         "settings": s.fingerprint("cost"), "model": bench.model_label, "steps": steps, "repeats": s.cost_repeats,
+        "loss": plain.train.loss,
         "isolated": isolate,
         "prune_every": s.prune_every, "runs": runs, "median": med,
         "ratios": {"step_time": b["step_s"] / a["step_s"], "amortized_step_time": b["amortized_s"] / a["step_s"],

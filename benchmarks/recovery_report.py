@@ -246,6 +246,26 @@ def _base_id(run_id: str) -> str:
 PEER_KINDS = ("calibrated", "calibrated-train")
 
 
+def _cost(cost: dict) -> list[str]:
+    """The step time and memory table of a cost run: each configuration, and its ratio to plain AdamW."""
+    med, loss = cost["median"], cost.get("loss", "ce")
+    rows = [("steady step (s)", "step_s", "step_s", 1, ".2f"),
+            (f"step incl. mask update every {cost['prune_every']} steps (s)", "amortized_s", "step_s", 1, ".2f"),
+            ("peak resident memory (MiB)", "peak_rss", "peak_rss", 2**20, ".0f"),
+            ("memory added by training (MiB)", "train_rss", "train_rss", 2**20, ".0f")]
+    others = [n for n in med if n != "adamw"]
+    md = [f"## Cost of pruning + TA against plain AdamW (train.loss {loss})", "",
+          f"Same model, batch and recipe, {cost['steps']} steps per run, {cost['repeats']} alternating runs each, "
+          "one process per run (median)" + (", every run distilling from a frozen dense copy" * (loss != "ce")) + ".",
+          "", "| | adamw | " + " | ".join(f"{n} | ratio" for n in others) + " |",
+          "| --- |" + " ---: |" * (1 + 2 * len(others))]
+    for label, key, base, scale, spec in rows:
+        a = med["adamw"]
+        md.append(f"| {label} | {a[key] / scale:{spec}} | "
+                  + " | ".join(f"{med[n][key] / scale:{spec}} | {med[n][key] / a[base]:.3f}" for n in others) + " |")
+    return md + [""]
+
+
 def _loss(run: dict) -> str | None:
     """The run's train.loss; None for a row that was never trained (a one-shot peer)."""
     return run["recipe"]["train"].get("loss", "ce") if "recipe" in run else None  # older runs: ce
@@ -356,20 +376,9 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
             md.append(f"- best one-shot PPL: {v['best_oneshot_ppl']:.2f}")
         md += ["", f"![loss curves at {round(s * 100)}%]({png})" if has_plot else "", ""]
     md += _shock(out, runs)
-    cost = runs.get("cost")
-    if cost:
-        a, b, q = cost["median"]["adamw"], cost["median"]["prune+ta"], cost["ratios"]
-        md += ["## Cost of pruning + TA against plain AdamW", "",
-               f"Same model, batch and recipe, {cost['steps']} steps per run, {cost['repeats']} alternating runs "
-               "each, one process per run (median).", "",
-               "| | AdamW | pruning + TA | ratio |", "| --- | --- | --- | --- |",
-               f"| steady step (s) | {a['step_s']:.2f} | {b['step_s']:.2f} | {q['step_time']:.3f} |",
-               f"| step incl. mask update every {cost['prune_every']} steps (s) | {a['step_s']:.2f} | "
-               f"{b['amortized_s']:.2f} | {q['amortized_step_time']:.3f} |",
-               f"| peak resident memory (MiB) | {a['peak_rss'] / 2**20:.0f} | {b['peak_rss'] / 2**20:.0f} | "
-               f"{q['peak_memory']:.3f} |",
-               f"| memory added by training (MiB) | {a['train_rss'] / 2**20:.0f} | {b['train_rss'] / 2**20:.0f} | "
-               f"{q['training_memory']:.3f} |", ""]
+    for key in ("cost", "cost-kd"):
+        if key in runs:
+            md += _cost(runs[key])
     (out / "results.md").write_text("\n".join(md))
     result = {"settings": asdict(settings), "model": model, "summary": summary, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -95,11 +95,15 @@ def test_peer_rows_average_over_seeds(tmp_path):
 
 def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
     """`--loss kd`: every trained row distils from the dense model, is stored apart from the CE rows
-    (ids end in -kd), records its drift on validation and test tokens, and reuses the one-shot mask from disk."""
+    (ids end in -kd), records its drift on validation and test tokens, and reuses the one-shot mask from disk.
+    Its cost run distils too, and times the CE-scored step beside the default one."""
     out = tmp_path / "bench"
-    base = ["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003", "--no-cost"]
+    base = ["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003"]
     ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003-kd"]
-    result = recovery.main([*base, "--loss", "kd", "--only", ",".join(ids)])
+    result = recovery.main([*base, "--loss", "kd", "--only", ",".join([*ids, "cost-kd"])])
+    cost = result["runs"]["cost-kd"]
+    assert cost["loss"] == "kd" and set(cost["median"]) == {"adamw", "prune+ta", "prune+ta, CE scores"}
+    assert all(m["step_s"] > 0 for m in cost["median"].values())
     assert set(result["summary"]["peers"]) == set(ids)
     assert list((out / "cache").glob("sparsegpt-s50-*.pt"))  # the next process loads it instead of recomputing
     run = json.loads((out / "runs" / f"{ids[1]}.json").read_text())
@@ -111,6 +115,7 @@ def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
     assert landed["step"] == 0 and landed["before"] > 0 and landed["trace"][0] != landed["before"]
     md = (out / "results.md").read_text()
     assert "Trained by distillation from the dense model" in md and "| kd | `s50-sparsegpt-adamw-lr0.003-kd` |" in md
+    assert "## Cost of pruning + TA against plain AdamW (train.loss kd)" in md
     with pytest.raises(SystemExit, match="add --peers"):
         recovery.main([a for a in base if a != "--peers"] + ["--loss", "kd"])
 
