@@ -197,9 +197,9 @@ def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | N
                   "calibrated-train", sparsity, over)
 
 
-def scored_by_ce(sparsity: float, lr: float, ta_lr: float | None) -> Method:
+def scored_by_ce(sparsity: float, lr: float, ta_lr: float | None, **ta) -> Method:
     """tapc's dynamic job trained by distillation with Taylor scores from the CE gradient (`prune.score_loss: ce`)."""
-    base = taylor(sparsity, lr, ta_lr)
+    base = taylor(sparsity, lr, ta_lr, **ta)
     return Method(base.id.replace("-taylor-", "-taylor-cescore-"), f"{base.label}, scores from the CE gradient",
                   "prune", sparsity, {**base.overrides, "prune.score_loss": "ce"})
 
@@ -236,6 +236,7 @@ def peers(settings: Settings, sparsity: float, lr: float):
         # where the saturated step is eta_TA) it measured ~0.2% of Adam's step. eta_TA 1
         # diverged only on CE.
         yield taylor(sparsity, lr, 1.0)
+        yield scored_by_ce(sparsity, lr, 1.0, before_clip=True)  # the two changes that helped, together
     yield taylor(sparsity, lr)
     yield peer(sparsity, "sparsegpt", lr, ta)  # TA against AdamW where a one-shot jump is to repair
     yield peer(sparsity, "wanda", lr)
