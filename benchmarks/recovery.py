@@ -143,8 +143,11 @@ def _lr_id(lr: float) -> str:
 
 
 def taylor(sparsity: float, lr: float, ta_lr: float | None = None, **ta) -> Method:
-    """Dynamic Taylor pruning (SPEC schedule, regrowth) with AdamW or with the TA term."""
-    over = {"optim.lr": lr, "prune.sparsity": sparsity}
+    """Dynamic Taylor pruning (SPEC schedule, regrowth) with AdamW or with the TA term.
+
+    Scores from the training loss's gradient, as every run did before `prune.score_loss: ce` became the default
+    (the same under cross-entropy; under KD the CE-scored rows are `scored_by_ce`)."""
+    over = {"optim.lr": lr, "prune.sparsity": sparsity, "prune.score_loss": "train"}
     if ta_lr is None:
         over["ta.enabled"] = False
         return Method(f"{_sid(sparsity)}-taylor-adamw-{_lr_id(lr)}", "dynamic Taylor + AdamW", "prune", sparsity, over)
@@ -217,7 +220,7 @@ def peers(settings: Settings, sparsity: float, lr: float):
     ta = load_recipe("quick-cpu").ta.lr  # the default recipe's eta_TA
     yield peer(sparsity, "sparsegpt")
     yield peer(sparsity, "wanda")
-    yield taylor(sparsity, lr, ta)  # the default job
+    yield taylor(sparsity, lr, ta)  # the default job (under KD: until score_loss ce became the default)
     yield peer(sparsity, "sparsegpt", lr)
     yield started(sparsity, "sparsegpt", lr, ta)
     if settings.loss != "ce":

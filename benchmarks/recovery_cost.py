@@ -139,7 +139,7 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     over = {"train.steps": steps, "prune.sparsity": method.sparsity, "prune.warmup": 0.0, "prune.final": 1.0,
             "prune.prune_every": 3, "ta.enabled": True, "ta.lr": 1e-2}
     tapc = lambda **more: recipe_for(bench, Method("", "", "prune", method.sparsity, {**over, **more}))  # noqa: E731
-    configs = {"adamw": (plain, False), "prune+ta": (tapc(), True)}
+    configs = {"adamw": (plain, False), "prune+ta": (tapc(**{"prune.score_loss": "train"}), True)}
     if uses_teacher(plain.train):
         configs["prune+ta, CE scores"] = (tapc(**{"prune.score_loss": "ce"}), True)
     ctx = multiprocessing.get_context("spawn") if isolate else None

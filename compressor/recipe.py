@@ -40,9 +40,10 @@ class PruneConfig(_Section):
                                                 "ranked over the whole model, unlike the Wanda paper)")
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
     score_loss: Literal["train", "ce"] = Field(
-        "train", description="the loss whose gradient taylor scores use: the training loss, or next-token "
-        "cross-entropy on the same batch (with train.loss kd: one more forward and backward a step until the mask "
-        "is fixed; the KD gradient measures the student's mismatch with its teacher, not a weight's importance)")
+        "ce", description="the loss whose gradient taylor scores use: next-token cross-entropy on the step's batch, "
+        "or the training loss (the same under train.loss ce; with kd, ce costs one more forward and backward a "
+        "step until the mask is fixed, and train scores the student's mismatch with its teacher, not a weight's "
+        "importance: issue 11's results)")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
     tau: float = Field(0.15, gt=0.0, description="time constant, fraction of the run")
