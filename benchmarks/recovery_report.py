@@ -253,14 +253,13 @@ def _cost(cost: dict) -> list[str]:
             (f"step incl. mask update every {cost['prune_every']} steps (s)", "amortized_s", "step_s", 1, ".2f"),
             ("peak resident memory (MiB)", "peak_rss", "peak_rss", 2**20, ".0f"),
             ("memory added by training (MiB)", "train_rss", "train_rss", 2**20, ".0f")]
-    others = [n for n in med if n != "adamw"]
+    a, others = med["adamw"], [n for n in med if n != "adamw"]
     md = [f"## Cost of pruning + TA against plain AdamW (train.loss {loss})", "",
           f"Same model, batch and recipe, {cost['steps']} steps per run, {cost['repeats']} alternating runs each, "
           "one process per run (median)" + (", every run distilling from a frozen dense copy" * (loss != "ce")) + ".",
           "", "| | adamw | " + " | ".join(f"{n} | ratio" for n in others) + " |",
           "| --- |" + " ---: |" * (1 + 2 * len(others))]
     for label, key, base, scale, spec in rows:
-        a = med["adamw"]
         md.append(f"| {label} | {a[key] / scale:{spec}} | "
                   + " | ".join(f"{med[n][key] / scale:{spec}} | {med[n][key] / a[base]:.3f}" for n in others) + " |")
     return md + [""]
