@@ -50,19 +50,22 @@ def uses_teacher(config: TrainConfig) -> bool:
     return config.loss != "ce"
 
 
-def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The loss one micro-batch is trained on, as `train.loss` says."""
-    out = model(input_ids=ids, labels=None if config.loss == "kd" else ids)
+def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig, *, also_ce: bool = False):
+    """The loss one micro-batch is trained on, as `train.loss` says.
+
+    `also_ce`: the pair (that loss, the cross-entropy of the same forward pass), for Taylor
+    scores from the CE gradient (`prune.score_loss: ce`) without a second forward."""
+    out = model(input_ids=ids, labels=None if config.loss == "kd" and not also_ce else ids)
     if not uses_teacher(config):
-        return out.loss
+        return (out.loss, out.loss) if also_ce else out.loss
     with torch.no_grad():
         target = teacher(input_ids=ids).logits
         if hasattr(teacher, "reshard"):  # FSDP2: never running backward, it would keep its outer group whole
             teacher.reshard()
     term = kd_loss(out.logits, target, config.kd_temperature)
-    if config.loss == "kd":
-        return term
-    return (1.0 - config.kd_weight) * out.loss + config.kd_weight * term
+    if config.loss != "kd":
+        term = (1.0 - config.kd_weight) * out.loss + config.kd_weight * term
+    return (term, out.loss) if also_ce else term
 
 
 def dense_loss(config: TrainConfig, dense_ce: float) -> float:

@@ -152,7 +152,11 @@ class Trainer:
         return (self.recipe.prune.score_loss == "ce" and self.recipe.train.loss != "ce" and self.pruner is not None
                 and self.pruner.scoring(step))
 
-    def _forward_backward(self, step: int, cfg=None, count: bool = True) -> float:
+    def _forward_backward(self, step: int, cfg=None, count: bool = True, score: bool = False) -> float:
+        """The step's gradient of the loss `cfg` names (default: the training loss) in .grad; returns the loss.
+
+        `score` (one micro-batch): the cross-entropy gradient of the same forward pass goes to the
+        pruner's scores first, then the training loss's replaces it (one more backward, no forward)."""
         cfg, world, rank = cfg or self.recipe.train, dist.world_size(), dist.rank()
         per_rank = cfg.batch_size // world
         loss = 0.0
@@ -160,15 +164,24 @@ class Trainer:
             batch = self.batches((step - 1) * cfg.grad_accum + micro)
             ids = batch[rank * per_rank : (rank + 1) * per_rank].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                micro_loss = recovery_loss(self.model, self.teacher, ids, cfg)
+                micro_loss = recovery_loss(self.model, self.teacher, ids, cfg, also_ce=score)
+            if score:
+                micro_loss, ce = micro_loss
+                ce.backward(retain_graph=True)
+                self._average(ce.item())
+                self.pruner.observe(step)
+                self.optimizer.zero_grad(set_to_none=True)
             (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.item() / cfg.grad_accum
             if count:  # a scoring pass reads the step's batch a second time
                 self.log.tokens += batch.numel()
+        return self._average(loss)
+
+    def _average(self, loss: float) -> float:
         # Every rank then holds the global gradient (sharded: its shard of it) and loss: scores,
         # masks and the TA term (global loss, global gradient norm) come out as on one process.
         if self.sharded:
-            return dist.sum_shards([loss])[0] / world
+            return dist.sum_shards([loss])[0] / dist.world_size()
         return dist.average_gradients(self.params, loss)
 
     def train_step(self) -> dict | None:
@@ -177,11 +190,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         scoring, ce = self.scoring_only(), self.ce
         apart = not scoring and self.scores_apart(step)
-        if apart:  # the scores from the CE gradient on this batch, then the training gradient afresh
+        # The scores from the CE gradient on this batch, then the training gradient: from one forward
+        # pass where the graph can be kept for a second backward (no micro-batches; FSDP2 frees its
+        # gathered weights after a backward), else from a forward and backward of their own.
+        shared = apart and self.recipe.train.grad_accum == 1 and not self.sharded
+        if apart and not shared:
             self._forward_backward(step, ce, count=False)
             self.pruner.observe(step)
             self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(step, ce if scoring else None)
+        loss = self._forward_backward(step, ce if scoring else None, score=shared)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         if self.pruner:

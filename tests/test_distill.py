@@ -147,9 +147,11 @@ def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask(
     assert trainer.log.loss[-1] > 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was():
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(grad_accum):
     """`prune.score_loss: ce` with kd: after the first mask, the Taylor scores come from the CE gradient on the
-    step's batch (one more forward and backward) while the weights move exactly as with scores from the KD loss.
+    step's batch while the weights move exactly as with scores from the KD loss: one more backward of the same
+    forward, or with micro-batches (grad_accum 2) a forward and backward of their own.
     `ce` is the default: the second recipe leaves it out."""
     from compressor.pruner import Pruner
     from compressor.recipe import Recipe
@@ -163,7 +165,7 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was():
             "prune": {"sparsity": 0.5, "prune_every": 2, "warmup": 0.0, "tau": 0.2, "final": 0.8,
                       **({"score_loss": "train"} if score_loss == "train" else {})},
             "optim": {"lr": 1e-3}, "ta": {"lr": 1e-2}, "train": {"steps": 10, "batch_size": 2, "eval_every": 0,
-                                                                  "loss": "kd"},
+                                                                  "loss": "kd", "grad_accum": grad_accum},
         })
         model = build_model("llama", 97, init_range=0.2).train()
         pruner = Pruner(recipe.prune, 10).prepare(model)
@@ -174,8 +176,9 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was():
         assert trainer.scores_apart(trainer.step + 1) == (score_loss == "ce")
         # This step's CE gradient, on a copy, for the score it should fold in.
         probe = copy.deepcopy(model)
-        ids = trainer.batches(trainer.step)
-        probe(input_ids=ids, labels=ids).loss.backward()
+        for micro in range(grad_accum):
+            ids = trainer.batches(trainer.step * grad_accum + micro)
+            (probe(input_ids=ids, labels=ids).loss / grad_accum).backward()
         old = {n: s.clone() for n, s in pruner.scores.items()}
         trainer.train_step()
         runs[score_loss] = ({n: p.detach().clone() for n, p in model.named_parameters()},
