@@ -200,11 +200,16 @@ def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | N
                   "calibrated-train", sparsity, over)
 
 
-def scored_by_ce(sparsity: float, lr: float, ta_lr: float | None, **ta) -> Method:
-    """tapc's dynamic job trained by distillation with Taylor scores from the CE gradient (`prune.score_loss: ce`)."""
-    base = taylor(sparsity, lr, ta_lr, **ta)
-    return Method(base.id.replace("-taylor-", "-taylor-cescore-"), f"{base.label}, scores from the CE gradient",
-                  "prune", sparsity, {**base.overrides, "prune.score_loss": "ce"})
+def scored_by_ce(base: Method, warmup: float | None = None) -> Method:
+    """A tapc row (`taylor`, `started`) trained by distillation with Taylor scores from the CE gradient
+    (`prune.score_loss: ce`). `warmup` replaces the recipe's `prune.warmup` (0.1): under KD from a
+    dense start the gradient is zero until the first mask."""
+    over, mid, label = {**base.overrides, "prune.score_loss": "ce"}, "-taylor-cescore-", base.label
+    if warmup is not None:
+        over["prune.warmup"] = warmup
+        mid, label = f"-taylor-cescore-warmup{warmup:g}-", f"{label}, pruning from {warmup:.0%} of the run"
+    return Method(base.id.replace("-taylor-", mid), f"{label}, scores from the CE gradient", base.kind,
+                  base.sparsity, over)
 
 
 def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Method:
@@ -226,7 +231,7 @@ def peers(settings: Settings, sparsity: float, lr: float):
     if settings.loss != "ce":
         # The KD gradient at the teacher is zero: |w * g| then scores the student's mismatch,
         # not what removing a weight costs. Scores from the CE gradient (one more backward).
-        yield scored_by_ce(sparsity, lr, ta)
+        yield scored_by_ce(taylor(sparsity, lr, ta))
     # Item 5: the TA term from the gradient before clipping (the thesis' E^beta/||g|| scaling;
     # after clipping to norm 1 it is a normalized gradient step). SmolLM2's gradients before
     # clipping have norm ~6-8 (CE) and ~3-4 (KD) at 50%, so the term is 4-7x shorter than after
@@ -240,7 +245,15 @@ def peers(settings: Settings, sparsity: float, lr: float):
         # diverged only on CE.
         yield taylor(sparsity, lr, 1.0)
         # CE scores and TA before clipping together: at 50% no better than CE scores alone (3 seeds).
-        yield scored_by_ce(sparsity, lr, 1.0, before_clip=True)
+        yield scored_by_ce(taylor(sparsity, lr, 1.0, before_clip=True))
+        # Under KD the student equals the teacher until the first mask, so the steps before it
+        # only score: with warmup 0.1 and a mask every 10 steps the first of 100 steps that
+        # trains is step 20 (the fixed-mask peer trains from step 1). Earlier first masks:
+        for warmup in (0.05, 0.0):
+            yield scored_by_ce(taylor(sparsity, lr, ta), warmup=warmup)
+        # From SparseGPT's mask and weights (the best peer's start), then CE-scored Taylor + regrowth:
+        # with KD scores this start moved away from the better mask (worse than keeping it fixed).
+        yield scored_by_ce(started(sparsity, "sparsegpt", lr, ta))
     yield taylor(sparsity, lr)
     yield peer(sparsity, "sparsegpt", lr, ta)  # TA against AdamW where a one-shot jump is to repair
     yield peer(sparsity, "wanda", lr)
