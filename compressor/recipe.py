@@ -41,7 +41,7 @@ class PruneConfig(_Section):
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
     score_loss: Literal["train", "ce"] = Field(
         "ce", description="the loss whose gradient taylor scores use: next-token cross-entropy on the step's batch, "
-        "or the training loss (the same under train.loss ce; with kd, ce costs one more forward and backward a "
+        "or the training loss (the same under train.loss ce; with kd, ce costs one more backward a "
         "step until the mask is fixed, and train scores the student's mismatch with its teacher, not a weight's "
         "importance: issue 11's results)")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
