@@ -169,13 +169,17 @@ class Trainer:
                 micro_loss, ce = micro_loss
                 ce.backward(retain_graph=True)
                 self._average(ce.item())
-                self.pruner.observe(step)
-                self.optimizer.zero_grad(set_to_none=True)
+                self._score(step)
             (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.item() / cfg.grad_accum
             if count:  # a scoring pass reads the step's batch a second time
                 self.log.tokens += batch.numel()
         return self._average(loss)
+
+    def _score(self, step: int) -> None:
+        """Fold the gradient in .grad (the CE one) into the Taylor scores and clear it for the training gradient."""
+        self.pruner.observe(step)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _average(self, loss: float) -> float:
         # Every rank then holds the global gradient (sharded: its shard of it) and loss: scores,
@@ -196,8 +200,7 @@ class Trainer:
         shared = apart and self.recipe.train.grad_accum == 1 and not self.sharded
         if apart and not shared:
             self._forward_backward(step, ce, count=False)
-            self.pruner.observe(step)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._score(step)
         loss = self._forward_backward(step, ce if scoring else None, score=shared)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
