@@ -13,7 +13,9 @@ happens once every `prune_every` steps; the amortized time adds one update per
 
 With a teacher loss (`--peers --loss kd`, id `cost-kd`) every configuration distils from
 a frozen dense copy, as the shipped recipes do, and a third one adds `prune.score_loss:
-ce` (one more cross-entropy forward and backward of the student on every scoring step).
+ce` (one more cross-entropy forward and backward of the student on every scoring step), and a
+fourth the steady step that does not score (`prune.score_steps`: only the steps just before an
+update pay for the scores).
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     configs = {"adamw": (plain, False), "prune+ta": (tapc(**{"prune.score_loss": "train"}), True)}
     if uses_teacher(plain.train):
         configs["prune+ta, CE scores"] = (tapc(**{"prune.score_loss": "ce"}), True)
+        # `prune.score_steps: 1`: only the update steps score, so the steady step is one that does not.
+        configs["prune+ta, no scores"] = (tapc(**{"prune.score_loss": "ce", "prune.score_steps": 1}), True)
     ctx = multiprocessing.get_context("spawn") if isolate else None
     runs = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:

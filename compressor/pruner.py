@@ -276,18 +276,26 @@ class Pruner:
         return self.history[-1]["sparsity"] if self.history else 0.0
 
     # -- every step ----------------------------------------------------------------------
-    def scoring(self, step: int) -> bool:
-        """Whether step `step`'s gradients feed the scores (a gradient saliency, mask not yet fixed)."""
-        return self.config.saliency in NEEDS_GRADIENT and step <= self.final_step and not self.fixed
+    def scoring(self, step: int, every_step: bool = False) -> bool:
+        """Whether step `step`'s gradients feed the scores: a gradient saliency, the mask not yet fixed,
+        and one of the last `prune.score_steps` steps before a mask update (unless `every_step`)."""
+        cfg = self.config
+        if cfg.saliency not in NEEDS_GRADIENT or step > self.final_step or self.fixed:
+            return False
+        if every_step or not cfg.score_steps:
+            return True
+        next_update = min(-(-step // cfg.prune_every) * cfg.prune_every, self.final_step)
+        return next_update - step < cfg.score_steps
 
     @torch.no_grad()
-    def observe(self, step: int) -> None:
+    def observe(self, step: int, every_step: bool = False) -> None:
         """Fold this step's gradients into the running average of Taylor scores.
 
         Call after backward and before `mask_gradients_`: masked weights need their
-        straight-through gradient to be scored. Nothing to do once the mask is fixed.
+        straight-through gradient to be scored. Nothing to do once the mask is fixed, nor
+        (`prune.score_steps`) on a step too far from the next mask update, unless `every_step`.
         """
-        if not self.scoring(step):
+        if not self.scoring(step, every_step):
             return
         beta = self.config.score_momentum
         for name, weight in self.weights.items():

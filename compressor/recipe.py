@@ -44,6 +44,8 @@ class PruneConfig(_Section):
         "or the training loss (the same under train.loss ce; with kd, ce costs one more backward a "
         "step until the mask is fixed, and train scores the student's mismatch with its teacher, not a weight's "
         "importance: issue 11's results)")
+    score_steps: int = Field(0, ge=0, description="score only on the last N steps before each mask update "
+                             "(0: every step); steps that only score (kd before the first mask) always do")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
     tau: float = Field(0.15, gt=0.0, description="time constant, fraction of the run")

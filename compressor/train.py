@@ -205,8 +205,8 @@ class Trainer:
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         if self.pruner:
-            if not apart:
-                self.pruner.observe(step)
+            if not apart:  # a step that only scores always does (it is there for nothing else)
+                self.pruner.observe(step, every_step=scoring)
             self.pruner.mask_gradients_()
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
         if scoring:

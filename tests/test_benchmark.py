@@ -102,7 +102,8 @@ def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
     ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003-kd"]
     result = recovery.main([*base, "--loss", "kd", "--only", ",".join([*ids, "cost-kd"])])
     cost = result["runs"]["cost-kd"]
-    assert cost["loss"] == "kd" and set(cost["median"]) == {"adamw", "prune+ta", "prune+ta, CE scores"}
+    assert cost["loss"] == "kd" and set(cost["median"]) == {"adamw", "prune+ta", "prune+ta, CE scores",
+                                                            "prune+ta, no scores"}
     assert all(m["step_s"] > 0 for m in cost["median"].values())
     assert set(result["summary"]["peers"]) == set(ids)
     assert list((out / "cache").glob("sparsegpt-s50-*.pt"))  # the next process loads it instead of recomputing

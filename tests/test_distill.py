@@ -193,3 +193,31 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
         param = name + ".parametrizations.weight.original"
         w, g = grads[param].detach(), grads[param].grad
         torch.testing.assert_close(score, old[name] * beta + criterion(w, g) * (1 - beta), rtol=1e-4, atol=1e-8)
+
+
+def test_score_steps_score_only_before_each_mask_update_and_on_every_step_that_only_scores():
+    """`prune.score_steps: 2` with a mask every 4 steps: the scores take the CE gradient of steps 3-4 and 7-8
+    (the mask is fixed from step 8), and of every step before the first mask, which under kd only score."""
+    from compressor.pruner import Pruner
+    from compressor.recipe import Recipe
+    from compressor.train import Trainer, build_optimizer
+
+    recipe = Recipe.model_validate({
+        "prune": {"sparsity": 0.5, "prune_every": 4, "warmup": 0.0, "tau": 0.2, "final": 0.8, "score_steps": 2},
+        "optim": {"lr": 1e-3}, "train": {"steps": 10, "batch_size": 2, "eval_every": 0, "loss": "kd"},
+    })
+    windows = torch.randint(97, (20, 16), generator=torch.Generator().manual_seed(0))
+    model = build_model("llama", 97, init_range=0.2).train()
+    pruner = Pruner(recipe.prune, 10).prepare(model)
+    trainer = Trainer(model, pruner, build_optimizer(model, recipe, pruner, 0.0), windows, windows[:2], recipe,
+                      10, torch.device("cpu"), teacher_copy(model))
+    scored, apart = [], []
+    for step in range(1, 11):
+        old = {n: s.clone() for n, s in pruner.scores.items()}
+        apart.append(trainer.scores_apart(step) and not trainer.scoring_only())
+        trainer.train_step()
+        if any(n not in old or not torch.equal(old[n], s) for n, s in pruner.scores.items()):
+            scored.append(step)
+    assert [u["step"] for u in trainer.log.mask_updates] == [4, 8]
+    assert scored == [1, 2, 3, 4, 7, 8]
+    assert [step for step, a in zip(range(1, 11), apart) if a] == [7, 8]  # the extra CE backward: 2 of 6 steps
