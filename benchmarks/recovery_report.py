@@ -286,7 +286,7 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
         first = group[0]
         if first["sparsity"] not in peer_sparsities or first["kind"] not in ("prune", *PEER_KINDS):
             continue
-        if first["kind"] == "prune" and not re.fullmatch(r"s\d+-taylor-(cescore-(warmup[\d.]+-)?)?(adamw|ta[\d.e-]+(-before_clip-True)?)-lr[\d.e-]+(-kd|-ce-kd)?",
+        if first["kind"] == "prune" and not re.fullmatch(r"s\d+-taylor-(cescore-((warmup|stability|score_steps)[\d.]+-)*)?(adamw|ta[\d.e-]+(-before_clip-True)?)-lr[\d.e-]+(-kd|-ce-kd)?",
                                                          base):
             continue  # issue 4's variants (other TA settings) stay in their own tables
         row = {"id": base, "label": first["label"], "sparsity": first["sparsity"], "seeds": len(group),
