@@ -22,10 +22,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
+_owned = False  # the process group was started here, and `shutdown` ends it
+
+
 def init_from_env(device: torch.device) -> None:
+    global _owned
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
+        _owned = True
 
 
 def world_size() -> int:
@@ -160,5 +165,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """End the process group `init_from_env` started; one the caller started is left to the caller."""
+    global _owned
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+    _owned = False

@@ -12,6 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compressor.errors import UsageError
+from compressor.pipeline import compress
+
 from .conftest import build_model, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +41,27 @@ def test_two_processes_match_one(no_dropout_model, data_dir, quick_recipe_file, 
     b = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for layer in one["sparsity"]["layers"]:
         assert torch.equal(a[layer["name"]] == 0, b[layer["name"]] == 0), layer["name"]
+
+
+def test_compress_ends_the_process_group_it_started_and_only_that(monkeypatch, tmp_path):
+    """Left to the interpreter's exit, a gloo group aborted one process in five (SIGABRT) after a finished run.
+
+    A one-process group stands in for the launcher's: `compress` fails on the missing model after starting it.
+    """
+    start = torch.distributed.init_process_group
+
+    def one_process_group(backend, **_):
+        start(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", one_process_group)
+    with pytest.raises(UsageError, match="does not exist"):
+        compress(str(tmp_path / "missing"), out=tmp_path / "out")
+    assert not torch.distributed.is_initialized()
+    one_process_group("gloo")  # a caller's own group stays the caller's
+    try:
+        with pytest.raises(UsageError, match="does not exist"):
+            compress(str(tmp_path / "missing"), out=tmp_path / "out")
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
