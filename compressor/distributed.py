@@ -15,6 +15,7 @@ over all weights (counts, norms, dot products) is finished with `sum_shards`.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -168,5 +169,6 @@ def shutdown() -> None:
     """End the process group `init_from_env` started; one the caller started is left to the caller."""
     global _owned
     if _owned and dist.is_initialized():
+        gc.collect()  # sharded tensors in reference cycles would outlive the group: the same abort at exit
         dist.destroy_process_group()
     _owned = False
