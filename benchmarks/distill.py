@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--start", default="dense", help="prune.start of these runs (dense, sparsegpt, wanda)")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
                         help="another model for the continuations and the chat drift (e.g. an older run)")
-    parser.add_argument("--lr", type=float, default=None, help="optim.lr of these runs (default: quick-cpu's 2e-4)")
+    parser.add_argument("--lr", type=float, default=None, help="optim.lr of these runs (default: quick-cpu's, by the target sparsity)")
     parser.add_argument("--runs-only", action="store_true", help="run, but leave the results for a later call")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")

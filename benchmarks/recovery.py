@@ -222,6 +222,13 @@ def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Met
                   {**base.overrides, "prune.start": method})
 
 
+def default(sparsity: float) -> Method:
+    """tapc's default job at `sparsity` (KD): quick-cpu's lr and warmup read from its tables by sparsity."""
+    recipe = load_recipe("quick-cpu", {"prune.sparsity": sparsity})
+    warmup = {} if recipe.prune.warmup == 0.1 else {"warmup": recipe.prune.warmup}
+    return scored_by_ce(taylor(sparsity, recipe.optim.lr, recipe.ta.lr), **warmup)
+
+
 def peers(settings: Settings, sparsity: float, lr: float):
     """Issue 11's rows at one sparsity, in the order they answer its question."""
     ta = load_recipe("quick-cpu").ta.lr  # the default recipe's eta_TA
@@ -234,6 +241,7 @@ def peers(settings: Settings, sparsity: float, lr: float):
         # The KD gradient at the teacher is zero: |w * g| then scores the student's mismatch,
         # not what removing a weight costs. Scores from the CE gradient (one more backward).
         yield scored_by_ce(taylor(sparsity, lr, ta))
+        yield default(sparsity)  # the default job since its lr and warmup follow the target
     # Item 5: the TA term from the gradient before clipping (the thesis' E^beta/||g|| scaling;
     # after clipping to norm 1 it is a normalized gradient step). SmolLM2's gradients before
     # clipping have norm ~6-8 (CE) and ~3-4 (KD) at 50%, so the term is 4-7x shorter than after
@@ -418,6 +426,8 @@ def recipe_for(bench: Bench, method: Method) -> Recipe:
     over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
             "prune.prune_every": s.prune_every,
+            # quick-cpu's before its tables by sparsity: a row's id names its departures from these
+            "optim.lr": 2e-4, "prune.warmup": 0.1,
             "train.loss": s.loss,  # ce: issues 4 and 11 compared optimizers on cross-entropy
             **method.overrides}
     return load_recipe("quick-cpu", over)

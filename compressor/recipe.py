@@ -47,7 +47,8 @@ class PruneConfig(_Section):
     score_steps: int = Field(0, ge=0, description="score only on the last N steps before each mask update "
                              "(0: every step); steps that only score (kd before the first mask) always do")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
-    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="no pruning before this fraction (or a table by "
+                                                            "target sparsity, as optim.lr)")
     tau: float = Field(0.15, gt=0.0, description="time constant, fraction of the run")
     final: float = Field(0.7, gt=0.0, le=1.0, description="exact target from here; mask fixed")
     prune_every: int = Field(10, ge=1, description="steps between mask updates")
@@ -84,7 +85,7 @@ class PruneConfig(_Section):
 class OptimConfig(_Section):
     """AdamW and its learning-rate schedule (thesis Table 5.1)."""
 
-    lr: float = Field(5e-5, gt=0.0)
+    lr: float = Field(5e-5, gt=0.0, description="or a table by target sparsity, {0.3: 1e-4, 0.5: 2e-4}")
     lr_schedule: Literal["linear", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup before the decay")
     weight_decay: float = Field(0.01, ge=0.0)
@@ -197,6 +198,24 @@ class ExportConfig(_Section):
         return self
 
 
+BY_SPARSITY = ("optim.lr", "prune.warmup")  # fields that may be a table by target sparsity
+
+
+def by_sparsity(table: dict, sparsity: float, name: str) -> float:
+    """The value for a run to `sparsity` from {sparsity: value, ...}: linear between the table's points, the
+    nearest point's value outside them (the settings the recovery benchmark chose at 30%, 50% and 70%)."""
+    if not table or not all(isinstance(s, (int, float)) and 0.0 <= s < 1.0 and isinstance(v, (int, float))
+                            for s, v in table.items()):
+        raise ValueError(f"{name} table {table} needs one or more sparsity: value pairs, sparsities in [0, 1)")
+    points = sorted(table.items())
+    if sparsity <= points[0][0]:
+        return points[0][1]
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if sparsity <= s1:
+            return v1 if sparsity == s1 else v0 + (v1 - v0) * (sparsity - s0) / (s1 - s0)
+    return points[-1][1]
+
+
 class Recipe(_Section):
     name: str = "custom"
     description: str = ""
@@ -209,6 +228,21 @@ class Recipe(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_tables(cls, data):  # a table becomes the number this run uses, before anything reads it
+        if not isinstance(data, dict):
+            return data
+        sparsity = (data.get("prune") or {}).get("sparsity", PruneConfig.model_fields["sparsity"].default)
+        data = dict(data)
+        for dotted in BY_SPARSITY:
+            section, key = dotted.split(".")
+            if isinstance(data.get(section), dict) and isinstance(data[section].get(key), dict):
+                if not isinstance(sparsity, (int, float)):
+                    return data  # prune.sparsity's own error says what is wrong
+                data[section] = {**data[section], key: by_sparsity(data[section][key], sparsity, dotted)}
+        return data
 
     @model_validator(mode="after")
     def _something_prunes(self) -> Recipe:

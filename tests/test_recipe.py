@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UsageError
-from compressor.recipe import builtin_recipes, load_recipe
+from compressor.recipe import builtin_recipes, load_recipe, recipe_to_yaml
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -36,8 +36,10 @@ def test_builtin_names_and_default():
     assert thesis.train.loss == "ce"
     adapt, quick = load_recipe("domain-adapt"), load_recipe("quick-cpu")
     assert adapt.train.loss == "ce"
-    assert adapt.model_dump(exclude={"name", "description", "train"}) == quick.model_dump(
-        exclude={"name", "description", "train"})
+    # but the lr: quick-cpu's table by sparsity was chosen under kd, domain-adapt keeps the cross-entropy choice
+    assert (quick.optim.lr, adapt.optim.lr) == (1e-4, 2e-4)
+    differ = {"name": True, "description": True, "train": True, "optim": {"lr"}}
+    assert adapt.model_dump(exclude=differ) == quick.model_dump(exclude=differ)
     assert adapt.train.model_dump(exclude={"loss"}) == quick.train.model_dump(exclude={"loss"})
 
 
@@ -46,9 +48,26 @@ def test_overrides_win():
     assert recipe.prune.sparsity == 0.5 and recipe.train.steps == 7 and recipe.data.seq_len == 256
 
 
+def test_tables_by_target_sparsity_give_the_values_of_the_target(tmp_path):
+    table = {0.3: 1e-4, 0.5: 2e-4}
+    lrs = [load_recipe("thesis", {"optim.lr": table, "prune.sparsity": s}).optim.lr for s in (0.1, 0.3, 0.4, 0.5, 0.9)]
+    assert lrs == [1e-4, 1e-4, pytest.approx(1.5e-4), 2e-4, 2e-4]  # the ends outside, linear between
+    quick = [load_recipe("quick-cpu", {"prune.sparsity": s}) for s in (0.3, 0.5, 0.7)]  # issue 11's choices
+    assert [(r.optim.lr, r.prune.warmup) for r in quick] == [(1e-4, 0.1), (2e-4, 0.05), (2e-4, 0.05)]
+    recipe = load_recipe("quick-cpu", {"optim.lr": table, "prune.warmup": {0.3: 0.1, 0.5: 0.05}, "prune.sparsity": 0.4})
+    assert recipe.prune.warmup == pytest.approx(0.075)
+    path = tmp_path / "ran.yaml"  # OUT/recipe.yaml: the numbers the run used
+    path.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(path, {"prune.sparsity": 0.7}) == recipe.model_copy(update={"prune": recipe.prune.model_copy(
+        update={"sparsity": 0.7})})
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
+        ("optim: {lr: {}}\n", "optim.lr table {} needs one or more"),
+        ("prune: {warmup: {1.5: 0.1}}\n", "prune.warmup table .* sparsities in"),
+        ("prune: {sparsity: high}\noptim: {lr: {0.3: 1.0e-4}}\n", "prune.sparsity: Input should be a valid number"),
         ("prune: {sparsty: 0.3}\n", "prune.sparsty: unknown key"),
         ("prune: {sparsity: high}\n", "prune.sparsity: Input should be a valid number"),
         ("prune: {sparsity: 1.5}\n", "prune.sparsity"),
