@@ -134,6 +134,10 @@ class Bench:
 
 
 # -- the methods -------------------------------------------------------------------------
+# quick-cpu's lr and warmup before its tables by sparsity: every row runs with these unless its id names others
+PINNED = {"optim.lr": 2e-4, "prune.warmup": 0.1}
+
+
 def _sid(s: float) -> str:
     return f"s{round(s * 100)}"
 
@@ -225,7 +229,7 @@ def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Met
 def default(sparsity: float) -> Method:
     """tapc's default job at `sparsity` (KD): quick-cpu's lr and warmup read from its tables by sparsity."""
     recipe = load_recipe("quick-cpu", {"prune.sparsity": sparsity})
-    warmup = {} if recipe.prune.warmup == 0.1 else {"warmup": recipe.prune.warmup}
+    warmup = {} if recipe.prune.warmup == PINNED["prune.warmup"] else {"warmup": recipe.prune.warmup}
     return scored_by_ce(taylor(sparsity, recipe.optim.lr, recipe.ta.lr), **warmup)
 
 
@@ -426,8 +430,7 @@ def recipe_for(bench: Bench, method: Method) -> Recipe:
     over = {"seed": s.seed, "device": "cpu", "train.steps": s.steps, "train.batch_size": s.batch_size,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
             "prune.prune_every": s.prune_every,
-            # quick-cpu's before its tables by sparsity: a row's id names its departures from these
-            "optim.lr": 2e-4, "prune.warmup": 0.1,
+            **PINNED,
             "train.loss": s.loss,  # ce: issues 4 and 11 compared optimizers on cross-entropy
             **method.overrides}
     return load_recipe("quick-cpu", over)

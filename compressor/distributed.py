@@ -15,6 +15,7 @@ over all weights (counts, norms, dot products) is finished with `sum_shards`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 
@@ -163,6 +164,18 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
         for g in grads:
             local(g).mul_(coef.to(g.dtype))
     return norm
+
+
+def ends_process_group(fn):
+    """`fn` ends, returning or failing, with `shutdown()`: a gloo group left to the interpreter's exit may
+    abort the process (SIGABRT) after the job is done."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            shutdown()
+    return wrapper
 
 
 def shutdown() -> None:

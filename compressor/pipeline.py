@@ -73,6 +73,7 @@ def _seq_lens(recipe: Recipe, model) -> tuple[int, int]:
     return seq_len, eval_len
 
 
+@dist.ends_process_group
 def compress(
     model: str,
     recipe: Recipe | None = None,
@@ -96,17 +97,6 @@ def compress(
     a run that clearly cannot fit stops there. `dry_run` stops after a few timed
     training steps and returns the plan (`Result.report`) without writing anything.
     """
-    try:
-        return _compress(model, recipe, out, overwrite=overwrite, resume=resume, gates=gates,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
-                         stop=stop, dry_run=dry_run)
-    finally:  # a gloo group left to the interpreter's exit may abort the process (SIGABRT) as it goes
-        dist.shutdown()
-
-
-def _compress(model: str, recipe: Recipe | None, out: str | Path | None, *, overwrite: bool, resume: bool,
-              gates: Gates | None, trust_remote_code: bool, allow_pickle: bool, progress, stop,
-              dry_run: bool) -> Result:
     recipe = recipe or load_recipe()
     out = Path(out) if out else default_output(model, recipe)
     ckpt_dir = checkpoint.checkpoint_dir(out)

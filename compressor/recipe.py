@@ -203,7 +203,7 @@ BY_SPARSITY = ("optim.lr", "prune.warmup")  # fields that may be a table by targ
 
 def by_sparsity(table: dict, sparsity: float, name: str) -> float:
     """The value for a run to `sparsity` from {sparsity: value, ...}: linear between the table's points, the
-    nearest point's value outside them (the settings the recovery benchmark chose at 30%, 50% and 70%)."""
+    nearest point's value outside them."""
     if not table or not all(isinstance(s, (int, float)) and 0.0 <= s < 1.0 and isinstance(v, (int, float))
                             for s, v in table.items()):
         raise ValueError(f"{name} table {table} needs one or more sparsity: value pairs, sparsities in [0, 1)")
