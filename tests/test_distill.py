@@ -140,6 +140,7 @@ def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask(
         assert trainer.scoring_only()
         trainer.train_step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.get_input_embeddings().weight.grad is None  # a gradient for the scores: pruned weights only
     assert trainer.log.loss == [0.0] * 3 and all(s.max() > 1e-3 for s in pruner.scores.values())  # CE, not noise
     trainer.train_step()  # step 4: the first mask
     assert pruner.history and not trainer.scoring_only()
@@ -180,7 +181,11 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
             ids = trainer.batches(trainer.step * grad_accum + micro)
             (probe(input_ids=ids, labels=ids).loss / grad_accum).backward()
         old = {n: s.clone() for n, s in pruner.scores.items()}
+        embedding_grads = []  # the scoring backward is taken for the pruned weights alone
+        hook = model.get_input_embeddings().weight.register_hook(embedding_grads.append)
         trainer.train_step()
+        hook.remove()
+        assert len(embedding_grads) == grad_accum  # the training backward's, one per micro-batch
         runs[score_loss] = ({n: p.detach().clone() for n, p in model.named_parameters()},
                             {n: s.clone() for n, s in pruner.scores.items()}, old, probe, trainer.log.tokens)
     (w_train, s_train, _, _, tokens_train), (w_ce, s_ce, old, probe, tokens_ce) = runs["train"], runs["ce"]
