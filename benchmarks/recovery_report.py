@@ -275,7 +275,10 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
 
     Two tables: the rows trained on cross-entropy (ranked by validation loss), and those
     trained by distillation (ranked by their drift from the dense model on the validation
-    windows); the one-shot rows, never trained, head both."""
+    windows); the one-shot rows, never trained, head both. The default job's row (quick-cpu's settings
+    at that sparsity, under distillation) says so."""
+    from .recovery import default  # imports this module
+
     groups: dict[str, list[dict]] = {}
     for run in runs.values():
         if "perplexity" in run:
@@ -289,7 +292,10 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
         if first["kind"] == "prune" and not re.fullmatch(r"s\d+-taylor-(cescore-((warmup|stability|score_steps)[\d.]+-)*)?(adamw|ta[\d.e-]+(-before_clip-True)?)-lr[\d.e-]+(-kd|-ce-kd)?",
                                                          base):
             continue  # issue 4's variants (other TA settings) stay in their own tables
-        row = {"id": base, "label": first["label"], "sparsity": first["sparsity"], "seeds": len(group),
+        label = first["label"]
+        if base == f"{default(first['sparsity']).id}-kd":
+            label = f"**{label}: quick-cpu's default**"
+        row = {"id": base, "label": label, "sparsity": first["sparsity"], "seeds": len(group),
                "loss": _loss(first), "oneshot_seconds": first.get("oneshot_seconds")}
         # The one-shot mask's jump (probe loss over the dense model's) and the steps to repair half of it.
         landed = [p[0] for p in map(probe_recovery, group) if p and p[0]["step"] == 0]

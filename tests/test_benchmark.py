@@ -142,3 +142,24 @@ def test_edge_export_table_renders_every_artifact():
     table = edge_export.markdown({"runs": [{"sparsity": 0.3, "rows": rows, "no_cache_decode_tps": 5.0}]})
     assert len(table.splitlines()) == 2 + len(edge_export.LABELS) + 1
     assert "| 30% | ONNX int4 | 100.0 | 1.000 | 20.00 | 90.0% | 50.0 | 60.0 | 900 |" in table
+
+
+def test_peer_table_marks_the_default_job_at_each_sparsity():
+    """The row whose settings are quick-cpu's at its sparsity (under KD) says it is the default; a row with
+    the same method at another lr does not."""
+    def run(run_id, sparsity, val_kl):
+        return {"id": run_id, "label": "dynamic Taylor", "kind": "prune", "sparsity": sparsity,
+                "recipe": {"train": {"loss": "kd"}}, "val_kl": val_kl,
+                "perplexity": {"ppl": 30.0, "kl": 0.1, "agreement": 0.8}}
+
+    runs = {r["id"]: r for r in [
+        {"id": "s30-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.3,
+         "perplexity": {"ppl": 32.0}},
+        run("s30-taylor-cescore-ta0.1-lr0.0001-kd", 0.3, 0.08), run("s30-taylor-cescore-ta0.1-lr0.0002-kd", 0.3, 0.1),
+        {"id": "s50-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.5,
+         "perplexity": {"ppl": 52.0}},
+        run("s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd", 0.5, 0.35),
+        run("s50-taylor-cescore-ta0.1-lr0.0002-kd", 0.5, 0.36)]}
+    _, rows = recovery_report.peer_table(runs, [0.3, 0.5])
+    marked = {i for i, r in rows.items() if "quick-cpu's default" in r["label"]}
+    assert marked == {"s30-taylor-cescore-ta0.1-lr0.0001-kd", "s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd"}
