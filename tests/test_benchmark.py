@@ -155,11 +155,11 @@ def test_peer_table_marks_the_default_job_at_each_sparsity():
     runs = {r["id"]: r for r in [
         {"id": "s30-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.3,
          "perplexity": {"ppl": 32.0}},
-        run("s30-taylor-cescore-ta0.1-lr0.0001-kd", 0.3, 0.08), run("s30-taylor-cescore-ta0.1-lr0.0002-kd", 0.3, 0.1),
+        run("s30-taylor-cescore-ta0.1-lr5e-05-kd", 0.3, 0.08), run("s30-taylor-cescore-ta0.1-lr0.0001-kd", 0.3, 0.1),
         {"id": "s50-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.5,
          "perplexity": {"ppl": 52.0}},
         run("s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd", 0.5, 0.35),
         run("s50-taylor-cescore-ta0.1-lr0.0002-kd", 0.5, 0.36)]}
     _, rows = recovery_report.peer_table(runs, [0.3, 0.5])
     marked = {i for i, r in rows.items() if "quick-cpu's default" in r["label"]}
-    assert marked == {"s30-taylor-cescore-ta0.1-lr0.0001-kd", "s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd"}
+    assert marked == {"s30-taylor-cescore-ta0.1-lr5e-05-kd", "s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd"}

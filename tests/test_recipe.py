@@ -37,7 +37,7 @@ def test_builtin_names_and_default():
     adapt, quick = load_recipe("domain-adapt"), load_recipe("quick-cpu")
     assert adapt.train.loss == "ce"
     # but the lr: quick-cpu's table by sparsity was chosen under kd, domain-adapt keeps the cross-entropy choice
-    assert (quick.optim.lr, adapt.optim.lr) == (1e-4, 2e-4)
+    assert (quick.optim.lr, adapt.optim.lr) == (5e-5, 2e-4)
     differ = {"name": True, "description": True, "train": True, "optim": {"lr"}}
     assert adapt.model_dump(exclude=differ) == quick.model_dump(exclude=differ)
     assert adapt.train.model_dump(exclude={"loss"}) == quick.train.model_dump(exclude={"loss"})
@@ -53,7 +53,7 @@ def test_tables_by_target_sparsity_give_the_values_of_the_target(tmp_path):
     lrs = [load_recipe("thesis", {"optim.lr": table, "prune.sparsity": s}).optim.lr for s in (0.1, 0.3, 0.4, 0.5, 0.9)]
     assert lrs == [1e-4, 1e-4, pytest.approx(1.5e-4), 2e-4, 2e-4]  # the ends outside, linear between
     quick = [load_recipe("quick-cpu", {"prune.sparsity": s}) for s in (0.3, 0.4, 0.5, 0.7)]  # issue 11's choices
-    assert [(r.optim.lr, r.prune.warmup) for r in quick] == [(1e-4, 0.1), (1e-4, 0.1), (2e-4, 0.05), (2e-4, 0.05)]
+    assert [(r.optim.lr, r.prune.warmup) for r in quick] == [(5e-5, 0.1), (1e-4, 0.1), (2e-4, 0.05), (2e-4, 0.05)]
     recipe = load_recipe("quick-cpu", {"optim.lr": table, "prune.warmup": {0.3: 0.1, 0.5: 0.05}, "prune.sparsity": 0.4})
     assert recipe.prune.warmup == pytest.approx(0.075)
     path = tmp_path / "ran.yaml"  # OUT/recipe.yaml: the numbers the run used
