@@ -284,6 +284,7 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
         if "perplexity" in run:
             groups.setdefault(_base_id(run["id"]), []).append(run)
     peer_sparsities = {r["sparsity"] for r in runs.values() if r["kind"] in PEER_KINDS}
+    default_ids = {s: f"{default(s).id}-kd" for s in peer_sparsities}
     rows = {}
     for base, group in groups.items():
         first = group[0]
@@ -293,7 +294,7 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
                                                          base):
             continue  # issue 4's variants (other TA settings) stay in their own tables
         label = first["label"]
-        if base == f"{default(first['sparsity']).id}-kd":
+        if base == default_ids[first["sparsity"]]:
             label = f"**{label}: quick-cpu's default**"
         row = {"id": base, "label": label, "sparsity": first["sparsity"], "seeds": len(group),
                "loss": _loss(first), "oneshot_seconds": first.get("oneshot_seconds")}

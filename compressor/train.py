@@ -158,9 +158,9 @@ class Trainer:
 
         `score` (one micro-batch): the cross-entropy gradient of the same forward pass goes to the
         pruner's scores first, then the training loss's replaces it (one more backward, no forward).
-        `only_scores`: the gradient is for the scores alone. A gradient that only scores is taken for
-        the pruned weights alone: not for the embeddings (on a tied LM head, a vocabulary-sized product
-        per token; 2% of a SmolLM2 step)."""
+        `only_scores`: the gradient feeds the scores alone, so it is taken for the pruned weights only
+        (not the embeddings: on a tied LM head, a vocabulary-sized product per token). The CE backward
+        of `score` always is."""
         cfg, world, rank = cfg or self.recipe.train, dist.world_size(), dist.rank()
         # FSDP2 reduces each parameter's gradient in hooks of its own: left to them.
         scored = list(self.pruner.weights.values()) if self.pruner and not self.sharded else None
