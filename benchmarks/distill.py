@@ -39,14 +39,15 @@ NEW_TOKENS = 40
 
 
 def run_one(model: str, runs: Path, sparsity: float, loss: str, self_distill: int, start: str, data: Path,
-            lr: float | None = None) -> None:
+            lr: float | None = None, seed: int = 0) -> None:
     name = (f"s{round(sparsity * 100)}-{loss.replace('+', '-')}" + (f"-sd{self_distill}" if self_distill else "")
-            + ("" if start == "dense" else f"-from-{start}") + (f"-lr{lr:g}" if lr else ""))
+            + ("" if start == "dense" else f"-from-{start}") + (f"-lr{lr:g}" if lr else "")
+            + (f"-seed{seed}" if seed else ""))
     if (runs / name / "report.json").is_file():
         return
     recipe = load_recipe("quick-cpu", {
         "prune.sparsity": sparsity, "train.loss": loss, "data.dataset": str(data), "device": "cpu",
-        "data.self_distill": self_distill, "prune.start": start,
+        "data.self_distill": self_distill, "prune.start": start, "seed": seed,
         "export.onnx": False, "export.quantize": [], "export.sparse": False,
         **({"optim.lr": lr} if lr else {}),
     })
@@ -61,7 +62,7 @@ def row(folder: Path, chat: torch.Tensor, dense) -> dict:
     held = perplexity(load_model(str(folder / "model")).model, chat, 512, reference=dense)
     return {"run": folder.name, "sparsity": recipe["prune"]["sparsity"], "loss": recipe["train"]["loss"],
             "self_distill": recipe["data"].get("self_distill", 0),  # runs from before the field: none
-            "start": recipe["prune"]["start"], "lr": recipe["optim"]["lr"], "folder": str(folder),
+            "start": recipe["prune"]["start"], "lr": recipe["optim"]["lr"], "seed": recipe["seed"], "folder": str(folder),
             "dense_ppl": report["perplexity"]["dense"]["ppl"], "ppl": pruned["ppl"], "kl": pruned["kl"],
             "agreement": pruned["agreement"], "chat_kl": held.kl, "chat_agreement": held.agreement,
             "train_seconds": report["train"]["seconds"], "seconds": report["seconds"]}
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
                         help="another model for the continuations and the chat drift (e.g. an older run)")
     parser.add_argument("--lr", type=float, default=None, help="optim.lr of these runs (default: quick-cpu's, by the target sparsity)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of these runs (the batches and the masks' ties)")
     parser.add_argument("--runs-only", action="store_true", help="run, but leave the results for a later call")
     args = parser.parse_args(argv)
     model = args.model or str(smollm2_gguf() or "")
@@ -128,13 +130,14 @@ def main(argv=None) -> None:
     runs = Path(args.runs)
     for sparsity in args.sparsities.split(","):
         for loss in args.losses.split(","):
-            run_one(model, runs, float(sparsity), loss, args.self_distill, args.start, Path(args.data), args.lr)
+            run_one(model, runs, float(sparsity), loss, args.self_distill, args.start, Path(args.data), args.lr,
+                    args.seed)
     if args.runs_only:
         return
     dense = load_model(model)
     chat = chat_stream(dense.model, dense.tokenizer, instruction_prompts()[-HELD_OUT:])
     rows = sorted((row(f.parent, chat, dense.model) for f in runs.glob("*/report.json")),
-                  key=lambda r: (r["sparsity"], r["loss"], r["start"], r["self_distill"], r["lr"], r["run"]))
+                  key=lambda r: (r["sparsity"], r["loss"], r["start"], r["self_distill"], r["lr"], r["seed"], r["run"]))
     texts = {"dense": continuations(model)}
     for r in rows:
         texts[r["run"]] = continuations(str(Path(r["folder"]) / "model"))
