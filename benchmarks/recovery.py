@@ -226,11 +226,13 @@ def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Met
                   {**base.overrides, "prune.start": method})
 
 
-def default(sparsity: float) -> Method:
-    """tapc's default job at `sparsity` (KD): quick-cpu's lr and warmup read from its tables by sparsity."""
+def default(sparsity: float, **ta_lr) -> Method:
+    """tapc's default job at `sparsity` (KD): quick-cpu's lr and warmup read from its tables by sparsity.
+
+    `ta_lr=X` replaces the recipe's eta_TA (None: plain AdamW), the rest of the job as it is."""
     recipe = load_recipe("quick-cpu", {"prune.sparsity": sparsity})
     warmup = {} if recipe.prune.warmup == PINNED["prune.warmup"] else {"warmup": recipe.prune.warmup}
-    return scored_by_ce(taylor(sparsity, recipe.optim.lr, recipe.ta.lr), **warmup)
+    return scored_by_ce(taylor(sparsity, recipe.optim.lr, ta_lr.get("ta_lr", recipe.ta.lr)), **warmup)
 
 
 def peers(settings: Settings, sparsity: float, lr: float):
@@ -246,6 +248,11 @@ def peers(settings: Settings, sparsity: float, lr: float):
         # not what removing a weight costs. Scores from the CE gradient (one more backward).
         yield scored_by_ce(taylor(sparsity, lr, ta))
         yield default(sparsity)  # the default job since its lr and warmup follow the target
+        # Item 5 under the default loss: the same job with plain AdamW, and with eta_TA 1. Under KD
+        # the clipped term is unsaturated (E^beta < C): its step is eta_TA tanh(E) E^0.5, ~0.01 at
+        # eta_TA 0.1 against ~0.1 under CE, so eta_TA 1 gives the step that helped under CE.
+        yield default(sparsity, ta_lr=None)
+        yield default(sparsity, ta_lr=1.0)
     # Item 5: the TA term from the gradient before clipping (the thesis' E^beta/||g|| scaling;
     # after clipping to norm 1 it is a normalized gradient step). SmolLM2's gradients before
     # clipping have norm ~6-8 (CE) and ~3-4 (KD) at 50%, so the term is 4-7x shorter than after
