@@ -163,3 +163,17 @@ def test_peer_table_marks_the_default_job_at_each_sparsity():
     _, rows = recovery_report.peer_table(runs, [0.3, 0.5])
     marked = {i for i, r in rows.items() if "quick-cpu's default" in r["label"]}
     assert marked == {"s30-taylor-cescore-ta0.1-lr5e-05-kd", "s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd"}
+
+
+def test_default_job_variants_change_the_optimizer_and_nothing_else():
+    """Item 5 under KD compares the default job with itself under plain AdamW and another eta_TA."""
+    base = recovery.default(0.5)
+    adamw, ta1 = recovery.default(0.5, ta_lr=None), recovery.default(0.5, ta_lr=1.0)
+    assert adamw.overrides["ta.enabled"] is False and ta1.overrides["ta.lr"] == 1.0
+    assert base.overrides["ta.lr"] == 0.1
+    ta_keys = {"ta.enabled", "ta.lr"}
+    for variant in (adamw, ta1):
+        assert {k: v for k, v in variant.overrides.items() if k not in ta_keys} == \
+               {k: v for k, v in base.overrides.items() if k not in ta_keys}
+    assert adamw.id == "s50-taylor-cescore-warmup0.05-adamw-lr0.0002"
+    assert ta1.id == "s50-taylor-cescore-warmup0.05-ta1-lr0.0002"
