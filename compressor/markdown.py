@@ -184,8 +184,10 @@ def _export_lines(exported: dict) -> list[str]:
         same = sum(g["identical"] for g in onnx["greedy"])
         lines += [f"`{onnx['path']}`: decoder with KV cache, {size(onnx['bytes'])}, written by {onnx['exporter']}; "
                   f"runs in onnxruntime and onnxruntime-genai (`genai_config.json`).", "",
-                  f"- Logits against PyTorch: max |difference| {onnx['logits']['max_abs_diff']:.2g} "
-                  f"(tolerance {onnx['atol']:g}) on {cases}.",
+                  f"- Logits against PyTorch: max |difference| {onnx['logits']['max_abs_diff']:.2g}, "
+                  f"{onnx['logits']['worst_fraction_of_tolerance']:.0%} of its tolerance (the largest of "
+                  f"{onnx['logits']['atol']:g}, {onnx['logits']['rtol']:g} × the largest logit and "
+                  f"{onnx['logits']['fp32_factor']:g} × PyTorch's own fp32 error) on {cases}.",
                   f"- Greedy text of {len(onnx['greedy'])} prompts, {onnx['greedy'][0]['new_tokens']} tokens each: "
                   f"identical to PyTorch's for {same}.", ""]
     rows = []

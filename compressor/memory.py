@@ -54,6 +54,7 @@ class Estimate:
     eval: dict[str, int] = field(default_factory=dict)  # bytes by part, at the peak of an evaluation pass
     device: str = "cpu"
     available: int | None = None  # bytes free on the device (RAM for CPU runs), when known
+    split: str | None = None  # why the batch runs as micro-batches, when it does
 
     @property
     def peak(self) -> int:
@@ -68,7 +69,7 @@ class Estimate:
     def to_dict(self) -> dict:
         return {"params": self.params, "prunable": self.prunable, "train": self.train, "eval": self.eval,
                 "peak_bytes": self.peak, "state_bytes_per_param": self.state_bytes_per_param,
-                "device": self.device, "available_bytes": self.available}
+                "device": self.device, "available_bytes": self.available, "split": self.split}
 
     def line(self) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in self.train.items() if v)
@@ -121,7 +122,7 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
     vocab = config.vocab_size
     seq_len = seq_len or recipe.data.seq_len or min(model_context(model) or 1024, 1024)
     eval_len = eval_len or recipe.eval.seq_len or seq_len
-    tokens = max(1, recipe.train.batch_size // world) * seq_len
+    tokens = micro_batch(recipe, world) * seq_len
     teacher = recipe.train.loss != "ce"
     shards = world if recipe.train.parallel == "fsdp" and world > 1 else 1
     block = prunable // layers  # a decoder block's projection weights, the bulk of it
@@ -144,19 +145,39 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
     return Estimate(params=params, prunable=prunable, train=train, eval=evaluation)
 
 
+def micro_batch(recipe: Recipe, world: int = 1) -> int:
+    """Windows one process runs forward and backward at a time."""
+    return recipe.train.micro_batch or max(1, recipe.train.batch_size // world)
+
+
 def check_fits(spec: str, recipe: Recipe, device: torch.device, world: int = 1, *, trust_remote_code: bool = False,
                notify=None) -> Estimate | None:
-    """Estimate before loading; stop with a one-line error when it clearly cannot fit (the estimate
-    is 25% above what the device has free). None when the config cannot be read here."""
+    """Estimate before loading. A batch that does not fit is split into micro-batches (setting
+    `recipe.train.micro_batch`, the largest that fits); a run that clearly cannot fit even one
+    window at a time (the estimate 25% above what the device has free) stops with a one-line
+    error. None when the config cannot be read here."""
     model = meta_model(spec, trust_remote_code)
     if model is None:
         return None
     est = estimate_for(model, recipe, world)
     est.device, est.available = str(device), available_bytes(device)
+    split = None
+    if est.available and est.peak > est.available and recipe.train.micro_batch is None:
+        split = _fitting_micro_batch(model, recipe, world, est.available)
+    if split:
+        whole = micro_batch(recipe, world)
+        recipe.train.micro_batch = split
+        est = estimate_for(model, recipe, world)
+        est.device, est.available = str(device), available_bytes(device)
+        est.split = (f"a batch of {whole} windows per process needs more than the {est.available / GB:.1f} GB "
+                     f"free: it runs as {whole // split} micro-batches of {split} (the same step; "
+                     "train.micro_batch)")
     if notify:
         notify({"stage": "memory", "estimate": est.to_dict(), "line": est.line()})
+        if split:
+            notify({"stage": "memory", "line": est.split})
     if est.available and est.peak > 1.25 * est.available and not os.environ.get("TAPC_IGNORE_MEMORY"):
-        hints = ["a smaller train.batch_size with train.grad_accum", "a shorter --seq-len"]
+        hints = ["a shorter --seq-len"] + (["train.micro_batch: 1"] if micro_batch(recipe, world) > 1 else [])
         if recipe.train.loss != "ce":
             hints.append("--loss ce (no teacher copy)")
         if world > 1 and recipe.train.parallel != "fsdp":
@@ -165,6 +186,16 @@ def check_fits(spec: str, recipe: Recipe, device: torch.device, world: int = 1, 
                          f"{est.available / GB:.1f} GB free; try {', '.join(hints)}, or a machine with more memory "
                          "(TAPC_IGNORE_MEMORY=1 runs it anyway)")
     return est
+
+
+def _fitting_micro_batch(model, recipe: Recipe, world: int, available: int) -> int | None:
+    """The largest divisor of the per-process batch whose estimate fits in `available`, if a smaller one does."""
+    whole = micro_batch(recipe, world)
+    for size in sorted((d for d in range(1, whole) if whole % d == 0), reverse=True):
+        trial = recipe.model_copy(update={"train": recipe.train.model_copy(update={"micro_batch": size})})
+        if estimate_for(model, trial, world).peak <= available:
+            return size
+    return 1 if whole > 1 else None  # the smallest there is; the check that follows says if even that is too much
 
 
 def peak_rss() -> int | None:

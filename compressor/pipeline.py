@@ -27,7 +27,7 @@ from .models import load_model, model_context
 from .plots import write_plots
 from .calibration import sample_windows
 from .pruner import build_pruner
-from .recipe import Recipe, load_recipe, recipe_to_yaml
+from .recipe import Recipe, default_recipe, load_recipe, recipe_to_yaml
 from .report import Gates, check_gates, format_table, model_tensors, sparsity_summary
 from .train import Interrupted, Trainer, build_optimizer, run, total_steps
 
@@ -87,6 +87,7 @@ def compress(
     progress=None,
     stop=None,
     dry_run: bool = False,
+    recipe_choice: str | None = None,
 ) -> Result:
     """Load, evaluate, prune while training, evaluate again, report and save `model`.
 
@@ -96,8 +97,13 @@ def compress(
     Before loading, the memory a process will need is estimated (`compressor.memory`);
     a run that clearly cannot fit stops there. `dry_run` stops after a few timed
     training steps and returns the plan (`Result.report`) without writing anything.
+    Without a `recipe`, the default for the device (`default_recipe`) runs; `recipe_choice`
+    (or that choice) says in the report which recipe ran and why.
     """
-    recipe = recipe or load_recipe()
+    if recipe is None:
+        name, why = default_recipe()
+        recipe, recipe_choice = load_recipe(name), f"{name}: {why}"
+    recipe = recipe.model_copy(deep=True)  # the memory check may split the batch: the caller's stays as given
     out = Path(out) if out else default_output(model, recipe)
     ckpt_dir = checkpoint.checkpoint_dir(out)
     check_output_dir(out, overwrite or resume)
@@ -128,7 +134,8 @@ def compress(
         _add_self_distillation(net, tokenizer, recipe, data, seq_len)
     fingerprint = {"model": {k: loaded.source.get(k) for k in ("kind", "id", "revision", "sha256")},
                    "data": data["tokens_per_split"],
-                   "recipe": recipe.model_dump(mode="json", exclude={"device"})}
+                   # micro-batches change the order of sums, not the run: a resume may split differently
+                   "recipe": recipe.model_dump(mode="json", exclude={"device": True, "train": {"micro_batch"}})}
     if saved:
         checkpoint.verify(saved, fingerprint, ckpt_dir)
 
@@ -142,7 +149,8 @@ def compress(
 
     val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
     if dry_run:
-        return Result(report=_dry_run(net, recipe, data, device, val, estimate, notify), output=out)
+        return Result(report=_dry_run(net, recipe, data, device, val, estimate, notify, eval_len,
+                                      time.perf_counter() - started), output=out)
     if saved:  # the model in the checkpoint is no longer dense: take what was measured then
         dense, dense_val_loss = Perplexity(**saved["dense"]["ppl"]), saved["dense"]["val_loss"]
     else:
@@ -191,6 +199,7 @@ def compress(
         "model": loaded.source,
         "dataset": {"source": data["source"], "notes": data["notes"], "tokens": data["tokens_per_split"]},
         "recipe": recipe.model_dump(mode="json"),
+        "recipe_choice": recipe_choice,
         "device": str(device),
         "processes": dist.world_size(),
         "parallel": parallel,
@@ -305,8 +314,15 @@ def _build_trainer(net, recipe: Recipe, data: dict, device, dense_val_loss: floa
     return trainer
 
 
-def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, timed: int = 3) -> dict:
-    """The plan of the run: steps, seconds per step from a few real steps, memory; nothing is written."""
+# Exports of SmolLM2-135M (ONNX fp32 with its parity check, GPTQ int4 on 32 windows, int8) took about 4 minutes
+# on 2 CPU cores; a dry run scales that by the parameter count, without running them.
+EXPORT_SECONDS_PER_PARAM = 240 / 134.5e6
+
+
+def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, eval_len: int, setup_seconds: float,
+             timed: int = 3) -> dict:
+    """The plan of the run: steps, seconds per step from a few real steps, the whole job's wall time from
+    them and one timed evaluation batch, memory; nothing is written."""
     dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else 0.0
     teacher = teacher_copy(net) if uses_teacher(recipe.train) else None
     trainer = _build_trainer(net, recipe, data, device, dense_val_loss, teacher, True, notify)
@@ -321,8 +337,22 @@ def _dry_run(net, recipe: Recipe, data: dict, device, val, estimate, notify, tim
         times.append(time.perf_counter() - begin)
     warm = times[1:] or times  # the first step warms up
     per_step = statistics.median(warm) if warm else 0.0
+    # Evaluation: the dense model, the pruned one beside its dense reference (two forward passes), and
+    # each quantized ONNX model, over the same tokens; timed on one batch of windows.
+    sample = data["test"][: recipe.eval.batch_size * eval_len + 1]
+    begin = time.perf_counter()
+    perplexity(net, sample, eval_len, batch_size=recipe.eval.batch_size, device=device)
+    per_token = (time.perf_counter() - begin) / max(1, sample.numel() - 1)
+    tokens = min(recipe.eval.max_tokens or data["test"].numel(), data["test"].numel())
+    passes = 3 + (len(recipe.export.quantize) if recipe.export.onnx else 0)
+    eval_seconds = per_token * tokens * passes
+    params = estimate.params if estimate else sum(p.numel() for p in set(net.parameters()))
+    export_seconds = EXPORT_SECONDS_PER_PARAM * params if recipe.export.onnx else 0.0
+    wall = setup_seconds + per_step * steps + eval_seconds + export_seconds + (oneshot_seconds or 0.0)
     return {"dry_run": True, "steps": steps, "timed_steps": times, "seconds_per_step": per_step,
             "train_seconds_estimate": per_step * steps, "oneshot_seconds": oneshot_seconds,
+            "setup_seconds": setup_seconds, "eval_seconds_estimate": eval_seconds,
+            "export_seconds_estimate": export_seconds, "wall_seconds_estimate": wall,
             "train_windows": len(data["train"]), "memory_estimate": estimate.to_dict() if estimate else None,
             "measured_peak_rss": peak_rss(), "device": str(device), "processes": dist.world_size()}
 

@@ -127,6 +127,9 @@ class TrainConfig(_Section):
     epochs: float = Field(3.0, gt=0.0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    micro_batch: int | None = Field(None, ge=1, description="windows per forward and backward pass in each "
+                                    "process (the batch is split, the step is the same); null = the whole "
+                                    "batch, or split as the memory estimate requires")
     eval_every: int = Field(100, ge=0, description="validation loss period; 0 = off")
     val_batches: int = Field(8, ge=1, description="batches per validation-loss check")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only on a signal")
@@ -176,7 +179,10 @@ class ExportConfig(_Section):
     int4_int8_layers: float = Field(0.1, ge=0.0, le=1.0,
                                     description="fraction of the last decoder layers kept at 8 bits in the int4 model")
     calibration_windows: int = Field(32, ge=0, description="training windows GPTQ calibrates int4 on; 0 = round-to-nearest")
-    onnx_atol: float = Field(1e-3, gt=0.0, description="max absolute logit difference ONNX vs PyTorch")
+    onnx_atol: float = Field(1e-3, gt=0.0, description="ONNX vs PyTorch: a logit difference this small always passes")
+    onnx_rtol: float = Field(1e-3, gt=0.0, description="ONNX vs PyTorch: ... and one this small relative to the "
+                                                       "largest logit (the tolerance also allows 10x PyTorch's own "
+                                                       "fp32 error against float64)")
     sparse: bool = Field(True, description="write OUT/sparse/: non-zero values plus a bitmask")
     gguf: list[Literal[GGUF_TYPES]] = Field(
         [], description="OUT/gguf/model-TYPE.gguf for llama.cpp, Ollama and LM Studio, one per type (Llama, Gemma-3, "
@@ -258,15 +264,32 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-DEFAULT_RECIPE = "gpt2-wikitext2"  # what `tapc compress` runs without --recipe
+GPU_RECIPE, CPU_RECIPE = "gpt2-wikitext2", "quick-cpu"  # what `tapc compress` runs without --recipe
+
+
+def default_recipe(device: str | None = None) -> tuple[str, str]:
+    """The built-in recipe a run without one gets on `device` (auto: a CUDA GPU if there is one), and why.
+
+    A GPU gets the full budget (3 epochs of 8 x 1024-token windows, hours); anything else,
+    a laptop or a CI runner, the quick one (120 steps of 256 tokens, about 25 minutes for a
+    135M model on 2 cores), since the full budget would take days on a CPU.
+    """
+    import torch
+
+    name = device or "auto"
+    gpu = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+    if gpu:
+        return GPU_RECIPE, f"the device is a CUDA GPU ({name}): the full budget"
+    where = "no CUDA GPU found" if name == "auto" else f"the device is {name}"
+    return CPU_RECIPE, f"{where}: the quick CPU budget; --recipe {GPU_RECIPE} is the full one"
 
 
 def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe from a YAML path or a built-in name, then apply dotted overrides.
 
-    `None` gives the default job, the built-in `DEFAULT_RECIPE`.
+    `None` gives the default job for the device the overrides (or auto) name: `default_recipe`.
     """
-    source = DEFAULT_RECIPE if source is None else source
+    source = default_recipe((overrides or {}).get("device"))[0] if source is None else source
     path = Path(source)
     if not path.is_file():
         name = str(source).removesuffix(".yaml")

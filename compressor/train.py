@@ -1,6 +1,7 @@
 """The recovery training loop: prune while training, then train with the mask fixed.
 
-One optimizer step: `grad_accum` micro-batches forward and backward (on the loss
+One optimizer step: `grad_accum` batches (each split into micro-batches of
+`train.micro_batch` windows where memory requires) forward and backward (on the loss
 `train.loss` names: cross-entropy, distillation from the dense teacher, or both), gradients are
 averaged across processes (when distributed), the pruner folds them into its scores
 (masked weights included), masked gradients are zeroed, the global gradient norm is
@@ -34,6 +35,7 @@ from . import distributed as dist
 from .distill import dense_loss, recovery_loss, uses_teacher
 from .errors import JobError
 from .evaluate import mean_loss
+from .memory import micro_batch
 from .optim import TAAdamW
 from .pruner import Pruner
 from .recipe import Recipe
@@ -131,6 +133,10 @@ class Trainer:
         self.recipe, self.steps, self.device = recipe, steps, device
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
         self.batches = BatchOrder(train_windows, cfg.batch_size, recipe.seed)
+        self.micro = micro_batch(recipe, world)
+        if (cfg.batch_size // world) % self.micro:
+            raise JobError(f"train.micro_batch {self.micro} does not divide the {cfg.batch_size // world} windows "
+                           "each process runs per step; give a divisor of it")
         self.val = val_windows[: cfg.val_batches * cfg.batch_size]
         self.log = TrainLog(steps=steps)
         self.step = 0
@@ -166,18 +172,22 @@ class Trainer:
         scored = list(self.pruner.weights.values()) if self.pruner and not self.sharded else None
         per_rank = cfg.batch_size // world
         loss = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = self.batches((step - 1) * cfg.grad_accum + micro)
+        for accumulated in range(cfg.grad_accum):
+            batch = self.batches((step - 1) * cfg.grad_accum + accumulated)
             ids = batch[rank * per_rank : (rank + 1) * per_rank].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                micro_loss = recovery_loss(self.model, self.teacher, ids, cfg, also_ce=score)
-            if score:
-                micro_loss, ce = micro_loss
-                ce.backward(inputs=scored, retain_graph=True)
-                self._average(ce.item())
-                self._score(step)
-            (micro_loss / cfg.grad_accum).backward(inputs=scored if only_scores else None)
-            loss += micro_loss.item() / cfg.grad_accum
+            # Micro-batches of equal size (a divisor of the batch): the mean of their mean losses is the batch's.
+            parts = ids.split(self.micro)
+            for part in parts:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    micro_loss = recovery_loss(self.model, self.teacher, part, cfg, also_ce=score)
+                if score:
+                    micro_loss, ce = micro_loss
+                    ce.backward(inputs=scored, retain_graph=True)
+                    self._average(ce.item())
+                    self._score(step)
+                share = cfg.grad_accum * len(parts)
+                (micro_loss / share).backward(inputs=scored if only_scores else None)
+                loss += micro_loss.item() / share
             if count:  # a scoring pass reads the step's batch a second time
                 self.log.tokens += batch.numel()
         return self._average(loss)
@@ -203,7 +213,8 @@ class Trainer:
         # The scores from the CE gradient on this batch, then the training gradient: from one forward
         # pass where the graph can be kept for a second backward (no micro-batches; FSDP2 frees its
         # gathered weights after a backward), else from a forward and backward of their own.
-        shared = apart and self.recipe.train.grad_accum == 1 and not self.sharded
+        whole = self.micro == self.recipe.train.batch_size // dist.world_size()
+        shared = apart and self.recipe.train.grad_accum == 1 and whole and not self.sharded
         if apart and not shared:
             self._forward_backward(step, ce, count=False, only_scores=True)
             self._score(step)
@@ -241,8 +252,8 @@ class Trainer:
         log.ta_coef.append(self.optimizer.last_ta.get("coef", 0.0))
         every = self.recipe.train.eval_every
         if every and (step % every == 0 or step == self.steps) and len(self.val):
-            log.validation.append({"step": step, "loss": mean_loss(self.model, self.val,
-                                                                   self.recipe.train.batch_size, self.device)})
+            log.validation.append({"step": step, "loss": mean_loss(self.model, self.val, self.micro,
+                                                                   self.device)})
         self.step = step
         return update
 

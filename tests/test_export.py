@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compressor.export import graph, parity
+from compressor.export import graph
 
 from .conftest import run_cli
 
@@ -26,7 +26,9 @@ def test_compress_writes_checked_kv_onnx_and_quantized_models(gpt2_dir, data_dir
     assert onnx["path"] == "onnx/model.onnx" and (out / onnx["path"]).is_file()
     for name in ("config.json", "tokenizer.json", "genai_config.json"):
         assert (out / "onnx" / name).is_file()
-    assert onnx["logits"]["max_abs_diff"] <= onnx["atol"] and len(onnx["logits"]["cases"]) == 3
+    # A margin of ~100 on any CPU: fp32 rounding of the tiny model is ~1e-5 against a tolerance of at least 1e-3.
+    assert onnx["logits"]["passed"] and onnx["logits"]["worst_fraction_of_tolerance"] < 0.05
+    assert len(onnx["logits"]["cases"]) == 3
     assert len(onnx["greedy"]) == 3 and all(g["identical"] for g in onnx["greedy"])
     for kind in ("int8", "int4"):
         q = exported[kind]
@@ -69,19 +71,15 @@ def test_failed_onnx_export_keeps_the_rest(gpt2_dir, data_dir, quick_recipe_file
 
 
 def test_parity_failure_keeps_no_onnx_folder(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
-    real = parity.check_logits
+    from benchmarks.parity_mutations import CacheOneShort
+    from compressor import generation
 
-    def off_by_half(model, decoder, *args, **kwargs):
-        result = real(model, decoder, *args, **kwargs)
-        for case in result["cases"]:
-            case["max_abs_diff_decode"] += 0.5
-        return {**result, "max_abs_diff": result["max_abs_diff"] + 0.5}
-
-    monkeypatch.setattr(parity, "check_logits", off_by_half)
+    # A real bug in how the graph is fed: decode steps see the cache one token short.
+    monkeypatch.setattr(generation, "OnnxDecoder", CacheOneShort)
     out = tmp_path / "out"
     result = _compress(gpt2_dir, data_dir, quick_recipe_file, out, "--steps", "2")
     assert result.exit_code == 1
-    assert "disagrees with PyTorch beyond atol 0.001 (1x5+3: 0.5" in result.stderr
+    assert "the ONNX model disagrees with PyTorch (1x5+3: " in result.stderr and "> tolerance" in result.stderr
     assert not any(p.name.startswith("onnx") for p in out.iterdir())
 
 

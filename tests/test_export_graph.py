@@ -56,14 +56,15 @@ def test_logits_match_torch_with_a_cache(exported):
     result = check_logits(model, OnnxDecoder(folder / "model.onnx"))
     assert [(c["batch"], c["prefill"], c["decode_steps"]) for c in result["cases"]] == [(1, 5, 3), (3, 17, 2), (2, 40, 2)]
     # Decode steps read a cache of up to 41 tokens: past Gemma-3's sliding window of 16.
-    assert result["max_abs_diff"] <= 1e-4, result
+    # The parity check's own verdict, with a margin of ~100 (fp32 rounding here is ~1e-5 on any CPU).
+    assert result["passed"] and result["worst_fraction_of_tolerance"] < 0.05, result
 
 
 def test_greedy_text_is_identical_to_torch(exported, tokenizer):
     kind, model, folder, _ = exported
     results = check_greedy(TorchDecoder(model), OnnxDecoder(folder / "model.onnx"), prompt_ids(tokenizer), tokenizer)
     assert len(results) == 3 and all(r["identical"] for r in results), results
-    assert greedy_failures(results, atol=1e-3) == []
+    assert greedy_failures(results, tolerance=1e-3) == []
     tokens = {t for ids in prompt_ids(tokenizer) for t in generate(TorchDecoder(model), ids, 32).tokens}
     assert len(tokens) > 5  # a real test: the continuations are not one token repeated
 
@@ -100,7 +101,7 @@ def test_builder_failure_falls_back_to_transformers(tmp_path, tokenizer, monkeyp
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     info = export_decoder(model, model_dir, tmp_path / "onnx")
     assert info["exporter"].startswith("transformers") and "rope_type" in info["builder_error"]
-    assert check_logits(model, OnnxDecoder(tmp_path / "onnx" / "model.onnx"), cases=((2, 6, 2),))["max_abs_diff"] < 1e-4
+    assert check_logits(model, OnnxDecoder(tmp_path / "onnx" / "model.onnx"), cases=((2, 6, 2),))["passed"]
     with pytest.raises(JobError, match="builder failed"):
         export_decoder(model, model_dir, tmp_path / "again", exporter="builder")
 
@@ -108,7 +109,7 @@ def test_builder_failure_falls_back_to_transformers(tmp_path, tokenizer, monkeyp
 def test_greedy_divergence_is_a_failure_only_beyond_a_tie():
     tie = {"identical": False, "margin": 1e-4}
     real = {"identical": False, "margin": 0.5}
-    assert greedy_failures([{"identical": True}, tie, real], atol=1e-3) == [real]
+    assert greedy_failures([{"identical": True}, tie, real], tolerance=1e-3) == [real]
 
 
 def test_sampling_with_a_seed_repeats_and_differs_from_greedy(exported, tokenizer):

@@ -10,6 +10,7 @@ from compressor import compress, load_recipe, memory
 from compressor.errors import UsageError
 from compressor.memory import estimate_for, meta_model
 from compressor.models import load_model, prunable_weights
+from safetensors.torch import load_file
 
 from .conftest import run_cli
 
@@ -64,3 +65,49 @@ def test_dry_run_times_steps_and_writes_nothing(gpt2_dir, data_dir, quick_recipe
     text = run_cli("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir, "--out", out,
                    "--dry-run")
     assert text.exit_code == 0 and "time per step" in text.stdout and "memory estimate" in text.stderr
+
+
+def test_a_batch_that_does_not_fit_runs_as_micro_batches_with_the_same_result(no_dropout_model, data_dir,
+                                                                              quick_recipe_file, tmp_path,
+                                                                              monkeypatch):
+    gpt2_dir = no_dropout_model  # dropout would draw other random numbers for two half batches
+    recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir), "train.batch_size": 4})
+    meta = meta_model(str(gpt2_dir))
+    whole = estimate_for(meta, recipe).peak
+    halves = estimate_for(meta, load_recipe(quick_recipe_file, {"train.batch_size": 4,
+                                                                "train.micro_batch": 2})).peak
+    assert halves < whole
+    fits = compress(str(gpt2_dir), recipe, tmp_path / "fits").report
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (halves + whole) // 2)
+    split = compress(str(gpt2_dir), recipe, tmp_path / "split").report
+    assert recipe.train.micro_batch is None  # the caller's recipe is left as it was
+    assert fits["memory_estimate"]["split"] is None and fits["recipe"]["train"]["micro_batch"] is None
+    assert "2 micro-batches of 2" in split["memory_estimate"]["split"]
+    assert split["recipe"]["train"]["micro_batch"] == 2
+    # The same step in another order of sums: the mean of two half-batch means is the batch mean, exactly in
+    # real arithmetic, within fp32 rounding (~1e-7 relative a step, grown over 12 steps) on any CPU.
+    a, b = (json.loads((tmp_path / run / "training_log.json").read_text())["loss"] for run in ("fits", "split"))
+    assert a == pytest.approx(b, rel=1e-4)
+    masks = [{k: v == 0 for k, v in load_file(tmp_path / run / "model" / "model.safetensors").items()}
+             for run in ("fits", "split")]
+    differ = sum(int((masks[0][k] != masks[1][k]).sum()) for k in masks[0])
+    # Same masks; a weight whose score ties the threshold within rounding is the only way one can differ.
+    assert differ <= 1e-4 * fits["sparsity"]["prunable_params"], differ
+
+
+def test_without_a_recipe_the_cpu_gets_the_quick_one_and_the_report_says_so(tmp_path, data_dir, tokenizer):
+    from compressor.recipe import default_recipe
+
+    from .conftest import build_model
+
+    assert default_recipe("cpu")[0] == "quick-cpu" and default_recipe("cuda:0")[0] == "gpt2-wikitext2"
+    model = build_model("llama", len(tokenizer))
+    model.config.max_position_embeddings = 1024  # quick-cpu evaluates 512-token windows
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    result = run_cli("compress", tmp_path / "m", "--sparsity", "0.3", "--dataset", data_dir, "--device", "cpu",
+                     "--steps", "2", "--eval-tokens", "600", "--no-onnx", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    assert "recipe quick-cpu (the device is cpu: the quick CPU budget" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["recipe"]["name"] == "quick-cpu" and report["recipe_choice"].startswith("quick-cpu: the device is cpu")

@@ -41,7 +41,9 @@ def test_real_gguf_compress_short_run(tmp_path):
     # top-1 96%; int4 +6.9%, top-1 86%, 0.199 of the fp32 bytes).
     exported = report["export"]
     onnx = exported["onnx"]
-    assert onnx["exporter"].startswith("onnxruntime-genai") and onnx["logits"]["max_abs_diff"] <= onnx["atol"]
+    assert onnx["exporter"].startswith("onnxruntime-genai") and onnx["logits"]["passed"]
+    # PyTorch's own fp32 error sets the tolerance: the 2x40 case measured 1.1e-3 on AVX2, where an absolute 1e-3 failed.
+    assert onnx["logits"]["exact_reference"] and onnx["logits"]["worst_fraction_of_tolerance"] < 0.5
     assert exported["sparse"]["pruned_ratio"] <= 0.7 + 1 / 32 + 0.01  # issue 3: 0.74 at 30%
     int8, int4 = exported["int8"], exported["int4"]
     assert int8["bytes_ratio"] < 0.3 and int8["ppl_increase"] < 0.03 and int8["top1_agreement"] > 0.85

@@ -21,7 +21,9 @@ def test_every_recipe_file_loads(path):
 def test_builtin_names_and_default():
     assert {"gpt2-wikitext2", "quick-cpu", "thesis"} <= set(builtin_recipes())
     assert load_recipe("quick-cpu").train.steps == 120
-    assert load_recipe(None) == load_recipe("gpt2-wikitext2")  # the default job is that file, not the schema
+    # The default job is a file, not the schema: the full budget on a CUDA GPU, the quick one elsewhere.
+    assert load_recipe(None, {"device": "cuda"}) == load_recipe("gpt2-wikitext2")
+    assert load_recipe(None, {"device": "cpu"}) == load_recipe("quick-cpu")
     for name in ("gpt2-wikitext2", "thesis"):  # the thesis budget and AdamW settings (Tables 5.1/5.2)
         r = load_recipe(name)
         assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (5e-5, 0.01, 1.0)
