@@ -22,8 +22,8 @@ def test_builtin_names_and_default():
     assert {"gpt2-wikitext2", "quick-cpu", "thesis"} <= set(builtin_recipes())
     assert load_recipe("quick-cpu").train.steps == 120
     # The default job is a file, not the schema: the full budget on a CUDA GPU, the quick one elsewhere.
-    assert load_recipe(None, {"device": "cuda"}) == load_recipe("gpt2-wikitext2")
-    assert load_recipe(None, {"device": "cpu"}) == load_recipe("quick-cpu")
+    for device, name in (("cuda", "gpt2-wikitext2"), ("cpu", "quick-cpu")):
+        assert load_recipe(None, {"device": device}) == load_recipe(name, {"device": device})
     for name in ("gpt2-wikitext2", "thesis"):  # the thesis budget and AdamW settings (Tables 5.1/5.2)
         r = load_recipe(name)
         assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (5e-5, 0.01, 1.0)
