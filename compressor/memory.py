@@ -96,16 +96,44 @@ def meta_model(spec: str, trust_remote_code: bool = False):
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device`: the GPU's free memory, or the machine's available RAM."""
+    """Free memory on `device`: the GPU's free memory, or the machine's available RAM, or less where this
+    process's cgroup (a container, a CI job's limit) allows less."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+        free = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    room = cgroup_room()
+    return free if room is None else min(free, room)
+
+
+def cgroup_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup still allows (its limit less its usage), None without a limit."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            limit, usage = root / path.lstrip("/") / "memory.max", root / path.lstrip("/") / "memory.current"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            folder = root / "memory" / path.lstrip("/")
+            limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            text = limit.read_text().strip()
+            if text == "max" or int(text) >= 2**60:  # no limit
+                continue
+            return max(0, int(text) - int(usage.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = None,

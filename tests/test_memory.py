@@ -111,3 +111,20 @@ def test_without_a_recipe_the_cpu_gets_the_quick_one_and_the_report_says_so(tmp_
     assert "recipe quick-cpu (the device is cpu: the quick CPU budget" in result.stderr
     report = json.loads(result.stdout)
     assert report["recipe"]["name"] == "quick-cpu" and report["recipe_choice"].startswith("quick-cpu: the device is cpu")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_cgroup_limit_is_the_memory_there_is(tmp_path, version):
+    """A container or a CI job's memory limit, not the host's free RAM that /proc/meminfo shows."""
+    from compressor.memory import cgroup_room
+
+    membership = tmp_path / "cgroup"
+    folder = tmp_path / ("memory/job" if version == 1 else "job")
+    folder.mkdir(parents=True)
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == 1 else ("memory.max", "memory.current")
+    membership.write_text("4:memory:/job\n1:cpu:/job\n" if version == 1 else "0::/job\n")
+    (folder / names[0]).write_text(f"{7 * 2**30}\n")
+    (folder / names[1]).write_text(f"{2**30}\n")
+    assert cgroup_room(tmp_path, membership) == 6 * 2**30
+    (folder / names[0]).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
+    assert cgroup_room(tmp_path, membership) is None
