@@ -174,6 +174,9 @@ def cli():
 @click.option("--onnx/--no-onnx", "onnx", default=None, help="Write OUT/onnx/ (default: the recipe's export.onnx, on).")
 @click.option("--quantize", metavar="KINDS", callback=lambda c, p, v: _kinds(v),
               help="Quantized ONNX copies: int8, int4, both (int8,int4) or none (default: the recipe's, both).")
+@click.option("--int4-layout", type=click.Choice(["accurate", "fast"]),
+              help="int4 ONNX: accurate (LM head and last layers at 8 bits) or fast (all 4-bit, as "
+                   "onnxruntime-genai's builder); default: the recipe's export.int4_layout, accurate.")
 @click.option("--gguf", metavar="TYPES", callback=lambda c, p, v: _gguf_types(v),
               help="GGUF files for llama.cpp/Ollama: f16, bf16, q8_0, q4_0, ... comma-separated, or none "
                    "(default: the recipe's export.gguf, none).")
@@ -192,7 +195,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, parallel, batch_size, steps, seq_len, eval_tokens, pattern, onnx, quantize, gguf, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, parallel, batch_size, steps, seq_len, eval_tokens, pattern, onnx, quantize, int4_layout, gguf, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, dry_run, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -209,7 +212,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, pa
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
         "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
-        "export.quantize": quantize, "export.gguf": gguf, "prune.method": method, "prune.start": start,
+        "export.quantize": quantize, "export.int4_layout": int4_layout, "export.gguf": gguf, "prune.method": method, "prune.start": start,
         "train.loss": loss, "train.parallel": parallel, "train.batch_size": batch_size,
     }
     console = Console(stderr=True)
@@ -327,6 +330,9 @@ def compare(runs, as_json, markdown, debug):
               help="Write onnx/: the fp32 decoder with KV cache, checked against PyTorch (default: on, unless --gguf).")
 @click.option("--quantize", metavar="KINDS", default="int8,int4", show_default=True, callback=lambda c, p, v: _kinds(v),
               help="Quantized copies onnx-int8/, onnx-int4/: int8, int4, int8,int4 or none.")
+@click.option("--int4-layout", type=click.Choice(["accurate", "fast"]), default="accurate", show_default=True,
+              help="accurate: LM head and last 10% of layers at 8 bits in the int4 model; fast: all 4-bit, as "
+                   "onnxruntime-genai's builder (faster to decode, most on AVX2 CPUs; less accurate).")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
               help="int4 weights that share one scale.")
 @click.option("--dataset", help="Calibrate int4 (GPTQ) on its train.txt and measure every model's perplexity and "
@@ -349,7 +355,7 @@ def compare(runs, as_json, markdown, debug):
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing onnx*/ or sparse/ folders.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def export(model, out, onnx, quantize, int4_block_size, dataset, seq_len, eval_tokens, sparse, gguf, gguf_base, atol,
+def export(model, out, onnx, quantize, int4_layout, int4_block_size, dataset, seq_len, eval_tokens, sparse, gguf, gguf_base, atol,
            rtol, as_json, overwrite, debug):
     """Export a saved MODEL directory to ONNX with a KV cache (fp32, int8, int4), the compact sparse format and GGUF."""
     from .export import export_lines, export_model
@@ -362,7 +368,8 @@ def export(model, out, onnx, quantize, int4_block_size, dataset, seq_len, eval_t
         with_onnx = default if onnx is None else onnx
         config = ExportConfig(onnx=with_onnx, quantize=quantize if with_onnx else [],
                               sparse=default if sparse is None else sparse, gguf=gguf or [], onnx_atol=atol,
-                              onnx_rtol=rtol, int4_block_size=int(int4_block_size))
+                              onnx_rtol=rtol, int4_block_size=int(int4_block_size),
+                              int4_layout=int4_layout)
         with ProgressView(console) as view:
             return export_model(model, out, config=config, dataset=dataset, seq_len=seq_len, max_tokens=eval_tokens,
                                 gguf_base=gguf_base, overwrite=overwrite, progress=view)

@@ -176,8 +176,13 @@ class ExportConfig(_Section):
     quantize: list[Literal["int8", "int4"]] = Field(
         ["int8", "int4"], description="weight-only quantized copies, OUT/onnx-int8/ and OUT/onnx-int4/")
     int4_block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights sharing one scale")
+    int4_layout: Literal["accurate", "fast"] = Field(
+        "accurate", description="accurate: the int4 model keeps its LM head and its last int4_int8_layers at 8 bits; "
+                                "fast: every matrix at 4 bits, as onnxruntime-genai's builder (its 8-bit kernels are "
+                                "slower than its 4-bit ones for decoding, most on CPUs without AVX-512)")
     int4_int8_layers: float = Field(0.1, ge=0.0, le=1.0,
-                                    description="fraction of the last decoder layers kept at 8 bits in the int4 model")
+                                    description="fraction of the last decoder layers kept at 8 bits in the accurate "
+                                                "int4 model")
     calibration_windows: int = Field(32, ge=0, description="training windows GPTQ calibrates int4 on; 0 = round-to-nearest")
     onnx_atol: float = Field(1e-3, gt=0.0, description="ONNX vs PyTorch: a logit difference this small always passes")
     onnx_rtol: float = Field(1e-3, gt=0.0, description="ONNX vs PyTorch: ... and one this small relative to the "

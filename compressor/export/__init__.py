@@ -136,7 +136,7 @@ def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluatio
               for name, module in prunable_weights(model).items()}
     calibrated, eight_bit = None, set()
     if bits == 4:
-        eight_bit = _last_layers(model, config.int4_int8_layers)
+        eight_bit = _last_layers(model, config.int4_int8_layers if config.int4_layout == "accurate" else 0.0)
         if calibration is not None and len(calibration):
             from ..gptq import quantize_modules
 
@@ -146,8 +146,10 @@ def write_quantized(model, kind: str, out: Path, config: ExportConfig, evaluatio
                                           progress=lambda e: notify({**e, "stage": "calibrate-int4"}))
     folder = out / f"onnx-{kind}"
     info = quantize_decoder(out / "onnx", folder, bits, block_size=config.int4_block_size if bits == 4 else 32,
-                            layers=layers, calibrated=calibrated, eight_bit=eight_bit)
+                            layers=layers, calibrated=calibrated, eight_bit=eight_bit,
+                            head_bits=8 if config.int4_layout == "accurate" else 4)
     info.update(path=f"onnx-{kind}/{ONNX_NAME}", bytes_ratio=info["bytes"] / fp32_bytes,
+                layout=config.int4_layout if bits == 4 else None,
                 calibration_windows=len(calibration) if calibrated else 0)
     decoder = OnnxDecoder(folder / ONNX_NAME)
     info["greedy"] = check_greedy(reference, decoder, prompts, tokenizer)

@@ -36,12 +36,14 @@ HEAD_BITS = 8
 
 
 def quantize_decoder(source: Path, folder: Path, bits: int, *, block_size: int = 32, layers: dict | None = None,
-                     calibrated: dict | None = None, eight_bit=(), accuracy_level: int = 4) -> dict:
+                     calibrated: dict | None = None, eight_bit=(), accuracy_level: int = 4,
+                     head_bits: int = HEAD_BITS) -> dict:
     """Write `folder/model.onnx`, the weight-only quantized copy of `source/model.onnx`, with its side files.
 
     `layers`: the projection weights by name ([out, in] tensors), to find them in the
     graph; `calibrated`: GPTQ results by name (`gptq.quantize_modules`); `eight_bit`:
-    names of layers to keep at 8 bits in an int4 model.
+    names of layers to keep at 8 bits in an int4 model; `head_bits`: the LM head's bits in an
+    int4 model (the int8 model's is 8).
     """
     import onnx
 
@@ -61,13 +63,18 @@ def quantize_decoder(source: Path, folder: Path, bits: int, *, block_size: int =
             upgraded = [node for node, names in found.items() if set(names) <= set(eight_bit)]
             gptq = {node: [calibrated[n] for n in names] for node, names in found.items()
                     if node not in upgraded and all(n in (calibrated or {}) for n in names)}
-            wide = ([head.name] if head is not None else []) + upgraded
-            model = _quantize(model, bits, block_size, accuracy_level, symmetric=bits == 8, exclude=wide)
+            head_bits = head_bits if bits == 4 else HEAD_BITS
+            narrow_head = head is not None and head_bits == 4
+            wide = ([head.name] if head is not None and not narrow_head else []) + upgraded
+            model = _quantize(model, bits, block_size, accuracy_level, symmetric=bits == 8,
+                              exclude=wide + ([head.name] if narrow_head else []))
             _write_codes(model.graph, gptq)
             if wide:
-                model = _quantize(model, HEAD_BITS, block_size, accuracy_level, symmetric=True, include=wide)
+                model = _quantize(model, 8, block_size, accuracy_level, symmetric=True, include=wide)
+            if narrow_head:  # symmetric, as the lookup that shares it reads it
+                model = _quantize(model, 4, block_size, accuracy_level, symmetric=True, include=[head.name])
             if tied:
-                _share_head_with_embedding(model.graph, table[0], f"{head.name}_Q{HEAD_BITS}", HEAD_BITS, block_size)
+                _share_head_with_embedding(model.graph, table[0], f"{head.name}_Q{head_bits}", head_bits, block_size)
             elif table is not None and bits == 4:
                 model = _quantize(model, 4, block_size, accuracy_level, symmetric=True, include=[table[0]],
                                   ops=("Gather",))
@@ -84,7 +91,7 @@ def quantize_decoder(source: Path, folder: Path, bits: int, *, block_size: int =
         "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
         "projections": "int8 symmetric round-to-nearest" if bits == 8 else
         f"int4 asymmetric, GPTQ in {len(gptq)} of {len(found) or 'the'} matrices (round-to-nearest elsewhere)",
-        "int8_matrices": len(upgraded), "lm_head_bits": HEAD_BITS if head is not None else None,
+        "int8_matrices": len(upgraded), "lm_head_bits": head_bits if head is not None else None,
         "embeddings": "shared with the LM head" if tied else ("4-bit" if table and bits == 4 else "fp32"),
     }
 
