@@ -12,7 +12,7 @@ Run on every export, collecting every mismatch before deciding:
       tolerance = max(atol, rtol * max|logit|, FP32_FACTOR * |PyTorch fp32 - PyTorch float64|)
 
   The last term is PyTorch's own fp32 error on that case, measured against the same
-  model run in float64 (where the machine has the memory for a float64 copy): an
+  model run in float64 (converted in place and back, where the machine has room): an
   export as accurate as PyTorch, give or take the order of its sums, is within a few
   times that of PyTorch. The middle term scales with the logits (rounding is relative;
   a model with logits of 160 rounds 5 times as coarsely as one with logits of 30).
@@ -32,8 +32,6 @@ Run on every export, collecting every mismatch before deciding:
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..generation import generate
@@ -48,39 +46,53 @@ LOGIT_CASES = ((1, 5, 3), (3, 17, 2), (2, 40, 2))
 FP32_FACTOR = 10.0
 
 
-def float64_copy(model):
-    """The model in float64 on the CPU for an exact reference, or None where the machine lacks the memory."""
-    from ..memory import available_bytes
+def reference_logits(model, cases=LOGIT_CASES, seed: int = 0, exact: bool = True) -> list[tuple]:
+    """(case, token ids, PyTorch fp32 logits, float64 logits or None) per case that fits the model's context.
 
-    params = sum(p.numel() for p in model.parameters())
-    free = available_bytes(torch.device("cpu"))
-    if next(model.parameters()).device.type != "cpu" or free is None or 8 * params > free // 2:
-        return None
-    return copy.deepcopy(model).to(torch.float64).eval()
-
-
-def check_logits(model, decoder, cases=LOGIT_CASES, seed: int = 0, *, atol: float = 1e-3, rtol: float = 1e-3,
-                 exact: bool = True) -> dict:
-    """`decoder` (prefill, then one token at a time) against `model` on whole sequences, case by case.
-
-    Per case: the max |logit difference| of the prefill and of the decode steps, the
-    largest |logit|, PyTorch fp32's own max error against float64 (`exact`, where memory
-    allows; else None), the tolerance derived from them and whether the case passed.
+    The float64 logits come from the model itself, converted in place to float64 and back
+    (exact: every fp32 value is a float64 value), where the CPU has room for the 4 more
+    bytes a parameter; on another device, or without the room, they are None.
     """
+    from ..memory import available_bytes
     from ..models import model_context
 
     gen = torch.Generator().manual_seed(seed)
     context = model_context(model)
     device = next(model.parameters()).device
-    reference = float64_copy(model) if exact else None
-    results = []
+    runs = []
     for batch, prefill, steps in cases:
         if context and prefill + steps > context:
             continue
         ids = torch.randint(model.config.vocab_size, (batch, prefill + steps), generator=gen)
         with torch.no_grad():
-            expected = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
-            truth = None if reference is None else reference(input_ids=ids, use_cache=False).logits
+            runs.append([(batch, prefill, steps), ids, model(input_ids=ids.to(device), use_cache=False).logits.float().cpu(),
+                         None])
+    params = sum(p.numel() for p in model.parameters())
+    free = available_bytes(torch.device("cpu"))
+    if not exact or device.type != "cpu" or free is None or 4 * params > free // 2:
+        return [tuple(run) for run in runs]
+    dtype = next(model.parameters()).dtype
+    try:
+        model.to(torch.float64)
+        with torch.no_grad():
+            for run in runs:
+                run[3] = model(input_ids=run[1], use_cache=False).logits
+    finally:
+        model.to(dtype)
+    return [tuple(run) for run in runs]
+
+
+def check_logits(model, decoder, cases=LOGIT_CASES, seed: int = 0, *, atol: float = 1e-3, rtol: float = 1e-3,
+                 exact: bool = True, references: list[tuple] | None = None) -> dict:
+    """`decoder` (prefill, then one token at a time) against `model` on whole sequences, case by case.
+
+    Per case: the max |logit difference| of the prefill and of the decode steps, the
+    largest |logit|, PyTorch fp32's own max error against float64 (`exact`, where memory
+    allows; else None), the tolerance derived from them and whether the case passed.
+    `references`: `reference_logits` computed beforehand (before the decoder took its memory).
+    """
+    results = []
+    for (batch, prefill, steps), ids, expected, truth in references or reference_logits(model, cases, seed, exact):
         logits, cache = decoder.forward(ids[:, :prefill], decoder.empty_cache(batch))
         parts = [logits]
         for t in range(prefill, prefill + steps):
@@ -103,7 +115,7 @@ def check_logits(model, decoder, cases=LOGIT_CASES, seed: int = 0, *, atol: floa
         results.append(entry)
     worst = max(r["max_abs_diff"] for r in results)
     return {"cases": results, "max_abs_diff": worst, "atol": atol, "rtol": rtol, "fp32_factor": FP32_FACTOR,
-            "exact_reference": reference is not None,
+            "exact_reference": all(r["pytorch_fp32_error"] is not None for r in results),
             "tolerance": max(r["tolerance"] for r in results),
             "worst_fraction_of_tolerance": max(r["max_abs_diff"] / r["tolerance"] for r in results),
             "passed": all(r["passed"] for r in results)}
