@@ -4,10 +4,18 @@ Unknown keys are errors (a misspelt key would otherwise be silently ignored and 
 job would run with a default the user did not choose). CLI flags override fields by
 dotted path (`prune.sparsity`), and the report records the recipe that actually ran.
 Times in the pruning schedule are fractions of the run, so `--steps` rescales the job.
+
+A recipe may build on another with `base: NAME`: a YAML file relative to the recipe's own
+file or, if there is none by that name, a built-in recipe. The base is loaded first (with its
+own base) and the recipe's keys are merged over it: sections key by key; lists, scalars and
+tables by sparsity replaced whole. `name` and `description` are never inherited (without them,
+the file's stem and "based on NAME"). What is checked, run and written to OUT/recipe.yaml is
+the merged recipe in full, without `base`.
 """
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +32,7 @@ class _Section(BaseModel):
 
 
 class PruneConfig(_Section):
-    """What is pruned, by which score, and how fast (SPEC: saliency, threshold, schedule)."""
+    """What is pruned, by which score, and how fast (docs/method.md: saliency, threshold, schedule)."""
 
     sparsity: float = Field(0.3, ge=0.0, lt=1.0, description="target fraction of prunable weights")
     method: Literal["dynamic", "sparsegpt", "wanda"] = Field(
@@ -43,7 +51,7 @@ class PruneConfig(_Section):
         "ce", description="the loss whose gradient taylor scores use: next-token cross-entropy on the step's batch, "
         "or the training loss (the same under train.loss ce; with kd, ce costs one more backward a "
         "step until the mask is fixed, and train scores the student's mismatch with its teacher, not a weight's "
-        "importance: issue 11's results)")
+        "importance)")
     score_steps: int = Field(0, ge=0, description="score only on the last N steps before each mask update "
                              "(0: every step); steps that only score (kd before the first mask) always do")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")
@@ -158,7 +166,7 @@ class DataConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Perplexity protocol (SPEC): non-overlapping windows unless `stride` is set."""
+    """Perplexity protocol (docs/method.md): non-overlapping windows unless `stride` is set."""
 
     seq_len: int | None = Field(None, ge=2, description="null = data.seq_len")
     stride: int | None = Field(None, ge=1, description="sliding-window stride; null = non-overlapping")
@@ -289,22 +297,32 @@ def default_recipe(device: str | None = None) -> tuple[str, str]:
     return CPU_RECIPE, f"{where}: the quick CPU budget; --recipe {GPU_RECIPE} is the full one"
 
 
-def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Load a recipe from a YAML path or a built-in name, then apply dotted overrides.
+def _builtin_folder() -> Path:
+    return Path(str(resources.files("compressor") / "recipes"))
 
-    `None` gives the default job for the device the overrides (or auto) name: `default_recipe`.
-    """
-    source = default_recipe((overrides or {}).get("device"))[0] if source is None else source
-    path = Path(source)
-    if not path.is_file():
-        name = str(source).removesuffix(".yaml")
-        if name not in builtin_recipes():
-            raise UsageError(
-                f"recipe {source!r} not found: give a YAML file or one of "
-                f"{', '.join(builtin_recipes())}"
-            )
-        path = Path(str(resources.files("compressor") / "recipes" / f"{name}.yaml"))
-    label = str(path)
+
+def _locate(source: str | Path, folder: Path | None = None, label: str | None = None) -> Path:
+    """The file `source` names: a YAML file (relative to `folder`, else to the working directory) or,
+    failing that, a built-in recipe. `label` is the recipe whose `base` it is, for the error."""
+    path = Path(source) if folder is None else folder / source
+    if path.is_file():
+        return path
+    name = str(source).removesuffix(".yaml")
+    if name not in builtin_recipes():
+        names = ", ".join(builtin_recipes())
+        if label is None:
+            raise UsageError(f"recipe {source!r} not found: give a YAML file or one of {names}")
+        raise UsageError(f"{label}: base {source!r} not found: give a YAML file (relative to this one) "
+                         f"or one of {names}")
+    return _builtin_folder() / f"{name}.yaml"
+
+
+def _short(path: Path) -> str:
+    """A built-in recipe by its name, any other file by its path (for the cycle error)."""
+    return path.stem if path.resolve().parent == _builtin_folder().resolve() else str(path)
+
+
+def _read(path: Path, label: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -312,23 +330,97 @@ def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | No
         raise UsageError(f"recipe {label} is not valid YAML ({first}); fix its syntax") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {label} must be a YAML mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`child` over `base`: mappings merged key by key, anything else (a list, a scalar, a table by
+    sparsity, which is one value) replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and dotted not in BY_SPARSITY:
+            merged[key] = _merge(merged[key], value, f"{dotted}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve(path: Path, label: str, seen: tuple[tuple[Path, str], ...] = ()
+             ) -> tuple[dict[str, Any], list[tuple[str, dict]]]:
+    """The recipe in `path` with its bases merged in, and each file's own mapping (the file first, then
+    its bases), so that an error can name the file that holds the faulty key. `seen`: the files that
+    led here, to catch a cycle."""
+    if path.resolve() in (real for real, _ in seen):
+        cycle = " -> ".join(name for _, name in (*seen, (path, _short(path))))
+        raise UsageError(f"recipe bases form a cycle: {cycle}; remove one of those base: keys")
+    data = _read(path, label)
+    if "base" not in data:
+        return data, [(label, data)]
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"recipe {label}: base must be a built-in recipe name or a YAML file, not {base!r}")
+    base_path = _locate(base, path.parent, f"recipe {label}")
+    parent, sources = _resolve(base_path, str(base_path), (*seen, (path.resolve(), _short(path))))
+    merged = _merge(parent, data)
+    # A recipe's name and description are its own, never its base's: without them, the file's stem and its base.
+    merged["name"] = data.get("name", path.stem)
+    merged["description"] = data.get("description", f"based on {base}")
+    return merged, [(label, data), *sources]
+
+
+def recipe_data(source: str | Path) -> dict[str, Any]:
+    """The mapping a recipe file (or built-in name) holds with its bases merged in: before flags,
+    tables by sparsity and the schema's defaults."""
+    path = _locate(source)
+    return _resolve(path, str(path))[0]
+
+
+def load_recipe(source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a built-in name (its bases merged in), then apply dotted overrides.
+
+    `None` gives the default job for the device the overrides (or auto) name: `default_recipe`.
+    """
+    source = default_recipe((overrides or {}).get("device"))[0] if source is None else source
+    path = _locate(source)
+    label = str(path)
+    data, sources = _resolve(path, label)
+    data = copy.deepcopy(data)  # the flags below must not write into the files' own mappings
+    flags: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
-        node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return validate_recipe(data, label)
+        for target in (data, flags):
+            node = target
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return validate_recipe(data, label, [(label, flags), *sources])
 
 
-def validate_recipe(data: dict[str, Any], label: str = "recipe") -> Recipe:
+def _holds(data: Any, loc: tuple) -> bool:
+    for key in loc:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and key < len(data):
+            data = data[key]
+        else:
+            return False
+    return True
+
+
+def validate_recipe(data: dict[str, Any], label: str = "recipe",
+                    sources: list[tuple[str, dict]] | None = None) -> Recipe:
+    """The checked recipe, or a one-line UsageError naming the file (of `sources`, the recipe's own
+    mapping and its bases', first first) that holds the faulty key; `label` where none does."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        if err["loc"]:
+            label = next((name for name, raw in sources or () if _holds(raw, err["loc"])), label)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling against the recipe schema in the README"
