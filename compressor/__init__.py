@@ -9,7 +9,7 @@ from .compare import compare_runs  # noqa: E402
 from .errors import ExportError, JobError, TapcError, UsageError  # noqa: E402
 from .evaluate import evaluate_model, perplexity  # noqa: E402
 from .export import export_model  # noqa: E402
-from .export.sparse import load_sparse  # noqa: E402
+from .sparse import load_sparse  # noqa: E402
 from .generation import generate, open_decoder  # noqa: E402
 from .models import load_model, prunable_weights  # noqa: E402
 from .optim import TAAdamW  # noqa: E402

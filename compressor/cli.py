@@ -206,7 +206,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, pa
     from .errors import ExportError
     from .pipeline import compress as run_compress
     from .recipe import default_recipe, load_recipe
-    from .report import Gates
+    from .pipeline import Gates
 
     overrides = {
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,

@@ -1,4 +1,4 @@
-"""Perplexity by the protocol in SPEC.md.
+"""Perplexity by the protocol in docs/method.md (Perplexity protocol).
 
 The split is one token stream. Without a stride it is cut into non-overlapping windows
 of `seq_len` tokens (a shorter last window is kept if it predicts at least one token);
@@ -15,6 +15,7 @@ int8/int4 numbers are comparable.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -172,7 +173,7 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int, device) -> float:
 def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None = None, stride: int | None = None,
                    max_tokens: int | None = None, batch_size: int = 4, reference: str | None = None,
                    progress=None) -> dict:
-    """Perplexity of any saved model on the test split of `dataset` (SPEC protocol).
+    """Perplexity of any saved model on the test split of `dataset` (docs/method.md, Perplexity protocol).
 
     With `reference` (any model `open_decoder` reads, usually the dense one), also the
     drift from it on the same tokens: mean KL(reference || model) and top-1 agreement.
@@ -180,16 +181,13 @@ def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None
     from .data import load_texts, tokenize
     from .errors import UsageError
     from .generation import open_decoder
-    from .models import model_context
+    from .models import window_length
 
     notify = progress or (lambda event: None)
     notify({"stage": "load", "model": spec})
     decoder, tokenizer, source = open_decoder(spec)
     model = decoder.model if decoder.kind == "pytorch" else decoder
-    context = model_context(model)
-    seq_len = seq_len or min(context or 1024, 1024)
-    if context and seq_len > context:
-        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens; use at most {context}")
+    seq_len = window_length(model, seq_len)
     if stride and stride > seq_len:
         raise UsageError(f"--stride {stride} exceeds the window of {seq_len}; use a stride <= the window")
     notify({"stage": "data", "dataset": dataset})
@@ -211,3 +209,19 @@ def evaluate_model(spec: str, dataset: str = "wikitext2", *, seq_len: int | None
     if ref_source is not None:
         out["reference"] = ref_source
     return out
+
+
+@dataclass
+class Evaluation:
+    """Perplexity by the run's protocol: `run(model_like, top1)` -> Perplexity, and the fp32 model's own."""
+
+    run: Callable
+    reference: object  # Perplexity of the PyTorch model
+    reference_top1: list
+
+    def measure(self, model_like) -> dict:
+        """Perplexity of `model_like`, its change from the PyTorch model's, and their top-1 agreement."""
+        top1: list = []
+        ppl = self.run(model_like, top1)
+        return {"perplexity": ppl.to_dict(), "ppl_increase": ppl.ppl / self.reference.ppl - 1.0,
+                "top1_agreement": top1_agreement(top1, self.reference_top1)}

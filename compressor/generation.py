@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .export.graph import GENAI_CONFIG, ONNX_NAME, onnx_bytes
+from .folder import GENAI_CONFIG, ONNX_NAME, onnx_bytes
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The memory bill of a run, before the model is loaded (issue 13).
+"""The memory bill of a run, before the model is loaded.
 
 `estimate(spec, recipe)` reads only the model's config, builds the model on PyTorch's
 meta device (no memory) to count its parameters and prunable weights, and adds up what
@@ -139,7 +139,7 @@ def cgroup_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/p
 def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = None,
                  eval_len: int | None = None) -> Estimate:
     """The estimate for a model (real or on the meta device) under `recipe` with `world` processes."""
-    from .models import model_context, prunable_weights
+    from .models import prunable_weights, window_length
 
     params = sum(p.numel() for p in model.parameters())
     prunable = sum(m.weight.numel() for m in prunable_weights(model).values())
@@ -148,7 +148,7 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     vocab = config.vocab_size
-    seq_len = seq_len or recipe.data.seq_len or min(model_context(model) or 1024, 1024)
+    seq_len = seq_len or recipe.data.seq_len or window_length(model)
     eval_len = eval_len or recipe.eval.seq_len or seq_len
     tokens = micro_batch(recipe, world) * seq_len
     teacher = recipe.train.loss != "ce"

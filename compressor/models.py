@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .export.sparse import FILENAME as SPARSE_FILE
-from .export.sparse import is_sparse, load_sparse_model
+from .sparse import FILENAME as SPARSE_FILE
+from .sparse import is_sparse, load_sparse_model
 
 
 @dataclass
@@ -160,6 +160,19 @@ def model_context(model) -> int | None:
     return None
 
 
+DEFAULT_WINDOW = 1024  # tokens per window when neither the caller nor a shorter context says otherwise
+
+
+def window_length(model, requested: int | None = None, name: str = "--seq-len") -> int:
+    """Tokens per training or evaluation window: `requested`, else the model's context up to
+    DEFAULT_WINDOW. A requested window longer than the context is a one-line error naming `name`."""
+    context = model_context(model)
+    length = requested or min(context or DEFAULT_WINDOW, DEFAULT_WINDOW)
+    if context and length > context:
+        raise UsageError(f"{name} {length} exceeds the model's context of {context} tokens; use at most {context}")
+    return length
+
+
 def _is_projection(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -170,7 +183,7 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
     """The attention and MLP projections: `{module name: module}` in model order.
 
     Excludes the LM head and anything sharing a weight with the embeddings, which
-    SPEC.md keeps dense (they are lookups and the output layer, not block weights).
+    the method keeps dense (docs/method.md) (they are lookups and the output layer, not block weights).
     """
     excluded = set()
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):

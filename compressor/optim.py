@@ -38,7 +38,7 @@ import math
 import torch
 
 from . import distributed as dist
-from .scratch import Scratch
+from .buffers import ScratchBuffers
 
 
 class TAAdamW(torch.optim.Optimizer):
@@ -73,7 +73,7 @@ class TAAdamW(torch.optim.Optimizer):
         self.masks = masks or {}
         self.grads_masked = grads_masked  # the caller zeroes masked gradients before step()
         self._mask_versions: dict[torch.Tensor, int] = {}  # each mask's version when momentum was last masked
-        self._scratch = Scratch()  # the masks cast to float, one at a time
+        self._scratch = ScratchBuffers()  # the masks cast to float, one at a time
         self.last_ta: dict = {}  # what the TA term did at the last step, for the log
         self.sharded = any(dist.is_sharded(p) for group in self.param_groups for p in group["params"])
 

@@ -1,4 +1,4 @@
-"""compress(): the whole job, stage by stage, as SPEC.md lists it."""
+"""compress(): the whole job, stage by stage (docs/method.md, The pipeline), and its quality gates."""
 
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ import torch
 
 from . import __version__, checkpoint, sharding
 from . import distributed as dist
-from .export import Evaluation, export_artifacts, export_error, export_lines
+from .export import export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
 from .distill import chat_stream, instruction_prompts, mix_windows, teacher_copy, uses_teacher
 from .errors import ExportError, JobError, UsageError
-from .evaluate import Perplexity, mean_loss, perplexity
-from .export.folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
+from .evaluate import Evaluation, Perplexity, mean_loss, perplexity
+from .folder import check_output_dir, directory_bytes, save_model, staged_output, write_json
 from .export.gguf import gguf_architecture, source_metadata
 from .markdown import render_markdown
 from .memory import check_fits, peak_rss
-from .models import load_model, model_context
+from .models import load_model, window_length
 from .plots import write_plots
 from .calibration import sample_windows
 from .pruner import build_pruner
 from .recipe import Recipe, default_recipe, load_recipe, recipe_to_yaml
-from .report import Gates, check_gates, format_table, model_tensors, sparsity_summary
+from .report import format_table, model_tensors, sparsity_summary
 from .train import Interrupted, Trainer, build_optimizer, run, total_steps
 
 SCHEMA_VERSION = 1  # of report.json and --json; bump on incompatible changes
@@ -62,33 +62,38 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _seq_lens(recipe: Recipe, model) -> tuple[int, int]:
-    context = model_context(model)
-    seq_len = recipe.data.seq_len or min(context or 1024, 1024)
-    eval_len = recipe.eval.seq_len or seq_len
-    for name, value in (("--seq-len", seq_len), ("eval.seq_len", eval_len)):
-        if context and value > context:
-            raise UsageError(f"{name} {value} exceeds the model's context of {context} tokens; use at most {context}")
+    seq_len = window_length(model, recipe.data.seq_len)
+    eval_len = window_length(model, recipe.eval.seq_len or seq_len, "eval.seq_len")
     if recipe.eval.stride and recipe.eval.stride > eval_len:
         raise UsageError(f"eval.stride {recipe.eval.stride} exceeds the window of {eval_len}; use a stride <= the window")
     return seq_len, eval_len
 
 
+@dataclass
+class Gates:
+    """Quality limits for CI jobs: the run fails (exit 3) when the pruned model misses one."""
+
+    max_ppl_increase: float | None = None  # percent over the dense perplexity
+    max_ppl: float | None = None
+
+
+def check_gates(dense_ppl: float, pruned_ppl: float, gates: Gates | None) -> dict:
+    gates = gates or Gates()
+    failures = []
+    increase = (pruned_ppl / dense_ppl - 1.0) * 100
+    if gates.max_ppl_increase is not None and increase > gates.max_ppl_increase:
+        failures.append(f"pruned perplexity {pruned_ppl:.3f} is {increase:.2f}% above dense {dense_ppl:.3f} "
+                        f"(limit {gates.max_ppl_increase:g}%)")
+    if gates.max_ppl is not None and pruned_ppl > gates.max_ppl:
+        failures.append(f"pruned perplexity {pruned_ppl:.3f} is above the limit {gates.max_ppl:g}")
+    return {**asdict(gates), "passed": not failures, "failures": failures}
+
+
 @dist.ends_process_group
-def compress(
-    model: str,
-    recipe: Recipe | None = None,
-    out: str | Path | None = None,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    gates: Gates | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    progress=None,
-    stop=None,
-    dry_run: bool = False,
-    recipe_choice: str | None = None,
-) -> Result:
+def compress(model: str, recipe: Recipe | None = None, out: str | Path | None = None, *, overwrite: bool = False,
+             resume: bool = False, gates: Gates | None = None, trust_remote_code: bool = False,
+             allow_pickle: bool = False, progress=None, stop=None, dry_run: bool = False,
+             recipe_choice: str | None = None) -> Result:
     """Load, evaluate, prune while training, evaluate again, report and save `model`.
 
     `resume` continues from the checkpoint beside `out`; `stop()` (polled once per step)
@@ -100,63 +105,22 @@ def compress(
     Without a `recipe`, the default for the device (`default_recipe`) runs; `recipe_choice`
     (or that choice) says in the report which recipe ran and why.
     """
-    if recipe is None:
-        name, why = default_recipe()
-        recipe, recipe_choice = load_recipe(name), f"{name}: {why}"
-    recipe = recipe.model_copy(deep=True)  # the memory check may split the batch: the caller's stays as given
+    recipe, recipe_choice = _chosen_recipe(recipe, recipe_choice)
     out = Path(out) if out else default_output(model, recipe)
-    ckpt_dir = checkpoint.checkpoint_dir(out)
-    check_output_dir(out, overwrite or resume)
-    if ckpt_dir.exists() and not (resume or overwrite):
-        raise UsageError(f"{ckpt_dir} holds a checkpoint of an interrupted run; pass --resume to continue it "
-                         "or --overwrite to start over")
-    saved = checkpoint.load(ckpt_dir) if resume else None
+    ckpt_dir, saved = _open_output(out, overwrite, resume)
     started = time.perf_counter()
-    device = resolve_device(recipe.device)
-    dist.init_from_env(device)
-    notify = progress if progress and dist.is_main() else (lambda event: None)  # the rank is known from here
-    if device.type == "cuda" and dist.world_size() > 1:  # one GPU per process
-        device = torch.device("cuda", dist.local_rank())
-        torch.cuda.set_device(device)
-
+    device, notify = _start_processes(recipe, progress)
     estimate = check_fits(model, recipe, device, dist.world_size(), trust_remote_code=trust_remote_code,
                           notify=notify)
-    notify({"stage": "load", "model": model})
-    loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    net, tokenizer = loaded.model.to(device), loaded.tokenizer
-    if recipe.export.gguf:
-        gguf_architecture(net)  # an unsupported model for export.gguf fails now, not after training
-    seq_len, eval_len = _seq_lens(recipe, net)
-    notify({"stage": "data", "dataset": recipe.data.dataset})
-    data = _prepare_data(recipe, tokenizer, seq_len)
-    if recipe.data.self_distill:
-        notify({"stage": "self-distill", "prompts": recipe.data.self_distill})
-        _add_self_distillation(net, tokenizer, recipe, data, seq_len)
-    fingerprint = {"model": {k: loaded.source.get(k) for k in ("kind", "id", "revision", "sha256")},
-                   "data": data["tokens_per_split"],
-                   # micro-batches change the order of sums, not the run: a resume may split differently
-                   "recipe": recipe.model_dump(mode="json", exclude={"device": True, "train": {"micro_batch"}})}
-    if saved:
-        checkpoint.verify(saved, fingerprint, ckpt_dir)
-
-    def evaluate(stage: str, model=None, top1: list | None = None, reference=None) -> Perplexity:
-        notify({"stage": stage})
-        return perplexity(
-            net if model is None else model, data["test"], eval_len, stride=recipe.eval.stride,
-            max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size, device=device,
-            progress=lambda e: notify({**e, "stage": stage}), top1=top1, reference=reference,
-        )
-
+    load = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    loaded, net, data, (seq_len, eval_len) = _load(model, recipe, device, load, notify)
+    fingerprint = _fingerprint(loaded, data, recipe, saved, ckpt_dir)
+    evaluate = _evaluator(data["test"], eval_len, recipe, device, notify)
     val = data["val"][: recipe.train.val_batches * recipe.train.batch_size]
     if dry_run:
         return Result(report=_dry_run(net, recipe, data, device, val, estimate, notify, eval_len,
                                       time.perf_counter() - started), output=out)
-    if saved:  # the model in the checkpoint is no longer dense: take what was measured then
-        dense, dense_val_loss = Perplexity(**saved["dense"]["ppl"]), saved["dense"]["val_loss"]
-    else:
-        dense = dist.broadcast(evaluate("eval-dense") if dist.is_main() else None)
-        dense_val_loss = mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
-
+    dense, dense_val_loss = _dense_baseline(net, saved, evaluate, val, recipe, device)
     extra = {"fingerprint": fingerprint, "dense": {"ppl": asdict(dense), "val_loss": dense_val_loss}}
     # The dense model, taken before pruning (a resumed run reloaded it above): the teacher of
     # a distillation loss, and the reference every output's drift is measured against.
@@ -164,35 +128,135 @@ def compress(
     steps, pruner, log = _recover(net, recipe, data, device, dense_val_loss, ckpt_dir, extra, saved, notify, stop,
                                   teacher)
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
-    train_peak = peak_rss()  # rank 0's peak so far: loading, the dense evaluation and training
-    pruned_names = [f"{name}.weight" for name in pruner.modules]
-    parallel = "fsdp" if pruner.sharded else "ddp" if dist.world_size() > 1 else None
-    finite = all(torch.isfinite(dist.local(p)).all() for p in net.parameters() if p.is_floating_point())
-    if dist.any_rank(not finite):  # every process stops here, none waits for the others
-        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
-    def reload_dense():  # frozen, as the drift's reference
-        notify({"stage": "load", "model": model})
-        return teacher_copy(load_model(model, trust_remote_code=trust_remote_code,
-                                       allow_pickle=allow_pickle).model.to(device))
-
-    if pruner.sharded:  # every process sends its rows; rank 0 gets the whole model, plain, masks baked in
-        pruner.scores.clear()
-        teacher = reload_dense() if dist.is_main() else None  # the training teacher was sharded too
-        net = sharding.gather(net, lambda: copy.deepcopy(teacher))
-    else:
-        pruner.finalize()
+    training = {"peak_rss": peak_rss(), "pruned": [f"{name}.weight" for name in pruner.modules],
+                "parallel": "fsdp" if pruner.sharded else "ddp" if dist.world_size() > 1 else None}
+    net, teacher = _trained_model(net, pruner, teacher, lambda: _reload_dense(model, device, load, notify))
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
-    if teacher is None:  # cross-entropy runs do not keep the dense model while training: load it again
-        teacher = reload_dense()
+    teacher = teacher or _reload_dense(model, device, load, notify)  # cross-entropy runs did not keep it
     pruned_top1: list = []  # the fp32 model's predictions, for the quantized models' top-1 agreement
-    pruned = evaluate("eval-pruned", top1=pruned_top1, reference=teacher)
-    evaluation = Evaluation(lambda model, top1: evaluate("eval-quantized", model, top1, teacher), pruned, pruned_top1)
-
+    pruned = evaluate("eval-pruned", net, pruned_top1, teacher)
+    evaluation = Evaluation(lambda m, top1: evaluate("eval-quantized", m, top1, teacher), pruned, pruned_top1)
     notify({"stage": "save", "output": str(out)})
-    sparsity = sparsity_summary(model_tensors(net), pruned_names)
-    report = {
+    report = _build_report(loaded, data, recipe, recipe_choice, device, seq_len, dense, pruned, net, steps, log,
+                           saved, training, gates, estimate, out)
+    with staged_output(out, overwrite or resume) as stage:
+        _write_outputs(stage, net, loaded.tokenizer, recipe, report, log, training["pruned"], evaluation,
+                       data["train"][: recipe.export.calibration_windows], notify, started)
+    checkpoint.remove(ckpt_dir)
+    dist.barrier()
+    if export_error(report["export"]):
+        raise ExportError(f"{export_error(report['export'])}; everything else is in {out}", Result(report, out))
+    return Result(report=report, output=out)
+
+
+def _chosen_recipe(recipe: Recipe | None, choice: str | None) -> tuple[Recipe, str | None]:
+    """The recipe to run (the device's default without one), as a copy: the memory check may split the
+    batch, and the caller's stays as given."""
+    if recipe is None:
+        name, why = default_recipe()
+        recipe, choice = load_recipe(name), f"{name}: {why}"
+    return recipe.model_copy(deep=True), choice
+
+
+def _open_output(out: Path, overwrite: bool, resume: bool) -> tuple[Path, dict | None]:
+    """The checkpoint directory beside `out`, and the checkpoint to resume from (None for a fresh run)."""
+    ckpt_dir = checkpoint.checkpoint_dir(out)
+    check_output_dir(out, overwrite or resume)
+    if ckpt_dir.exists() and not (resume or overwrite):
+        raise UsageError(f"{ckpt_dir} holds a checkpoint of an interrupted run; pass --resume to continue it "
+                         "or --overwrite to start over")
+    return ckpt_dir, checkpoint.load(ckpt_dir) if resume else None
+
+
+def _start_processes(recipe: Recipe, progress):
+    """The device of this process (one GPU per process when distributed) and its progress callback
+    (rank 0 reports, the others stay quiet)."""
+    device = resolve_device(recipe.device)
+    dist.init_from_env(device)
+    notify = progress if progress and dist.is_main() else (lambda event: None)  # the rank is known from here
+    if device.type == "cuda" and dist.world_size() > 1:
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    return device, notify
+
+
+def _load(model: str, recipe: Recipe, device, load: dict, notify):
+    """The model on `device`, the tokenized data (with self-distillation mixed in) and the window lengths."""
+    notify({"stage": "load", "model": model})
+    loaded = load_model(model, **load)
+    net = loaded.model.to(device)
+    if recipe.export.gguf:
+        gguf_architecture(net)  # an unsupported model for export.gguf fails now, not after training
+    seq_lens = _seq_lens(recipe, net)
+    notify({"stage": "data", "dataset": recipe.data.dataset})
+    data = _prepare_data(recipe, loaded.tokenizer, seq_lens[0])
+    if recipe.data.self_distill:
+        notify({"stage": "self-distill", "prompts": recipe.data.self_distill})
+        _add_self_distillation(net, loaded.tokenizer, recipe, data, seq_lens[0])
+    return loaded, net, data, seq_lens
+
+
+def _fingerprint(loaded, data: dict, recipe: Recipe, saved: dict | None, ckpt_dir: Path) -> dict:
+    """What a checkpoint must match to be resumed (the model, the data's size and the recipe), checked
+    against the one being resumed."""
+    fingerprint = {"model": {k: loaded.source.get(k) for k in ("kind", "id", "revision", "sha256")},
+                   "data": data["tokens_per_split"],
+                   # micro-batches change the order of sums, not the run: a resume may split differently
+                   "recipe": recipe.model_dump(mode="json", exclude={"device": True, "train": {"micro_batch"}})}
+    if saved:
+        checkpoint.verify(saved, fingerprint, ckpt_dir)
+    return fingerprint
+
+
+def _evaluator(test: torch.Tensor, eval_len: int, recipe: Recipe, device, notify):
+    """`evaluate(stage, model, top1=None, reference=None)`: perplexity on the test stream by the recipe's protocol."""
+    def evaluate(stage: str, model, top1: list | None = None, reference=None) -> Perplexity:
+        notify({"stage": stage})
+        return perplexity(model, test, eval_len, stride=recipe.eval.stride, max_tokens=recipe.eval.max_tokens,
+                          batch_size=recipe.eval.batch_size, device=device,
+                          progress=lambda e: notify({**e, "stage": stage}), top1=top1, reference=reference)
+    return evaluate
+
+
+def _dense_baseline(net, saved: dict | None, evaluate, val: torch.Tensor, recipe: Recipe, device):
+    """The dense model's perplexity and validation loss; a resumed run's model is no longer dense, so
+    it takes what was measured then."""
+    if saved:
+        return Perplexity(**saved["dense"]["ppl"]), saved["dense"]["val_loss"]
+    dense = dist.broadcast(evaluate("eval-dense", net) if dist.is_main() else None)
+    return dense, mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
+
+
+def _trained_model(net, pruner, teacher, reload_dense):
+    """The trained model with its masks baked in (sharded: gathered whole on rank 0, beside a dense
+    teacher reloaded there) and the teacher. Non-finite weights stop every process."""
+    finite = all(torch.isfinite(dist.local(p)).all() for p in net.parameters() if p.is_floating_point())
+    if dist.any_rank(not finite):  # every process stops here, none waits for the others
+        raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
+    if pruner.sharded:  # every process sends its rows; rank 0 gets the whole model, plain, masks baked in
+        pruner.scores.clear()
+        teacher = reload_dense() if dist.is_main() else None  # the training teacher was sharded too
+        return sharding.gather(net, lambda: copy.deepcopy(teacher)), teacher
+    pruner.finalize()
+    return net, teacher
+
+
+def _reload_dense(model: str, device, load: dict, notify):
+    """The dense model again, frozen: the reference of the pruned model's drift."""
+    notify({"stage": "load", "model": model})
+    return teacher_copy(load_model(model, **load).model.to(device))
+
+
+def _build_report(loaded, data: dict, recipe: Recipe, recipe_choice: str | None, device, seq_len: int,
+                  dense: Perplexity, pruned: Perplexity, net, steps: int, log, saved: dict | None, training: dict,
+                  gates: Gates | None, estimate, out: Path) -> dict:
+    """report.json's fields known once the pruned model is evaluated; the exports add theirs."""
+    oneshot = next(({"method": u["method"], "seconds": u["seconds"],
+                     "calibration_windows": recipe.prune.calibration_windows}
+                    for u in log.mask_updates if u.get("method")), None)
+    return {
         "schema_version": SCHEMA_VERSION,
         "tool": "tapc",
         "version": __version__,
@@ -202,34 +266,22 @@ def compress(
         "recipe_choice": recipe_choice,
         "device": str(device),
         "processes": dist.world_size(),
-        "parallel": parallel,
+        "parallel": training["parallel"],
         "platform": {"python": platform.python_version(), "torch": torch.__version__},
         "seq_len": seq_len,
         "perplexity": {"dense": dense.to_dict(), "pruned": pruned.to_dict(),
                        "increase": pruned.ppl / dense.ppl - 1.0},
-        "sparsity": sparsity,
+        "sparsity": sparsity_summary(model_tensors(net), training["pruned"]),
         "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds, "state_bytes": log.state_bytes,
-                  "peak_rss_after_training": train_peak,
+                  "peak_rss_after_training": training["peak_rss"],
                   "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                   "mask_updates": len(log.mask_updates), "recoveries": log.recoveries,
-                  "resumed_from": saved["step"] if saved else None,
-                  "oneshot": next(({"method": u["method"], "seconds": u["seconds"],
-                                    "calibration_windows": recipe.prune.calibration_windows}
-                                   for u in log.mask_updates if u.get("method")), None),
+                  "resumed_from": saved["step"] if saved else None, "oneshot": oneshot,
                   "ta": "off" if not recipe.ta.enabled else f"target={recipe.ta.target}, space={recipe.ta.space}"},
         "gates": check_gates(dense.ppl, pruned.ppl, gates),
         "memory_estimate": estimate.to_dict() if estimate else None,
         "output": str(out),
     }
-    with staged_output(out, overwrite or resume) as stage:
-        _write_outputs(stage, net, tokenizer, recipe, report, log, pruned_names, evaluation,
-                       data["train"][: recipe.export.calibration_windows], notify, started)
-    checkpoint.remove(ckpt_dir)
-    dist.barrier()
-    result = Result(report=report, output=out)
-    if export_error(report["export"]):
-        raise ExportError(f"{export_error(report['export'])}; everything else is in {out}", result)
-    return result
 
 
 def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, log, pruned_names: list[str],

@@ -34,7 +34,7 @@ from .patterns import check_divisible, input_dim, parse_pattern, selection_keys
 from .recipe import PruneConfig
 from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
-from .scratch import Scratch
+from .buffers import ScratchBuffers
 
 EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
 SAMPLE_SIZE = 1 << 20
@@ -94,7 +94,7 @@ class _MaskedLinear(torch.autograd.Function):
         return dx, dw, None, db, None, None
 
 
-def _masked_forward(module: nn.Module, workspace: Scratch, transposed: bool, x: torch.Tensor) -> torch.Tensor:
+def _masked_forward(module: nn.Module, workspace: ScratchBuffers, transposed: bool, x: torch.Tensor) -> torch.Tensor:
     weight = module.parametrizations.weight
     return _MaskedLinear.apply(x, weight.original, weight[0].mask, module.bias, workspace, transposed)
 
@@ -108,7 +108,7 @@ def kth_smallest(scores: list[torch.Tensor], k: int, seed: int = 0, sharded: boo
 
     A random sample brackets the answer in a narrow band [lo, hi]; counting the values
     below lo and selecting inside the band gives the exact order statistic. This is far
-    faster than `kthvalue` over 10^8 values (SPEC.md: ~1 s instead of ~8 s).
+    faster than `kthvalue` over 10^8 values (~1 s instead of ~8 s).
     `sharded`: the tensors are this process's shards; the sample, the counts and the band
     are combined over the processes (never all the scores).
     """
@@ -178,7 +178,7 @@ class Pruner:
         self.input_dims: dict[str, int] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self.input_norms: dict[str, torch.Tensor] = {}  # global-wanda: ||x|| per input feature
-        self.workspace = Scratch()  # w * mask in forward and backward, the Taylor scores
+        self.workspace = ScratchBuffers()  # w * mask in forward and backward, the Taylor scores
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
 

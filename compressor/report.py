@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .export.sparse import FILENAME as SPARSE_FILE
-from .export.sparse import is_sparse, load_sparse
+from .sparse import FILENAME as SPARSE_FILE
+from .sparse import is_sparse, load_sparse
 from .patterns import Pattern, input_dim, parse_pattern, violations
 
 
@@ -70,26 +70,6 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
             seen.add(id(param))
             out[name] = param.detach()
     return out
-
-
-@dataclass
-class Gates:
-    """Quality limits for CI jobs: the run fails (exit 3) when the pruned model misses one."""
-
-    max_ppl_increase: float | None = None  # percent over the dense perplexity
-    max_ppl: float | None = None
-
-
-def check_gates(dense_ppl: float, pruned_ppl: float, gates: Gates | None) -> dict:
-    gates = gates or Gates()
-    failures = []
-    increase = (pruned_ppl / dense_ppl - 1.0) * 100
-    if gates.max_ppl_increase is not None and increase > gates.max_ppl_increase:
-        failures.append(f"pruned perplexity {pruned_ppl:.3f} is {increase:.2f}% above dense {dense_ppl:.3f} "
-                        f"(limit {gates.max_ppl_increase:g}%)")
-    if gates.max_ppl is not None and pruned_ppl > gates.max_ppl:
-        failures.append(f"pruned perplexity {pruned_ppl:.3f} is above the limit {gates.max_ppl:g}")
-    return {**asdict(gates), "passed": not failures, "failures": failures}
 
 
 def format_table(report: dict) -> str:

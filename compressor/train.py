@@ -24,6 +24,7 @@ exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 import warnings
@@ -93,6 +94,15 @@ def lr_lambda(recipe: Recipe, steps: int):
     return factor
 
 
+class Scoring(enum.Enum):
+    """Where a step's Taylor scores come from (`Trainer.scoring_plan`)."""
+
+    TRAINING = "training"  # the training loss's gradient, when the pruner scores this step
+    SCORE_ONLY = "score-only"  # a kd run still equal to its teacher: CE gradient into the scores, no weight step
+    SHARED_PASS = "shared-pass"  # the CE gradient of the training pass's forward, then the training loss's
+    OWN_PASS = "own-pass"  # the CE gradient of a forward and backward of their own, before the training pass
+
+
 class BatchOrder:
     """Batch b of the run, as a pure function of b: epoch e uses permutation seed + e.
 
@@ -144,30 +154,38 @@ class Trainer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.sharded = any(dist.is_sharded(p) for p in self.params)  # FSDP2: it reduces the gradients itself
         self.autocast = recipe.train.mixed_precision == "bf16"
-        self.score_before_first_mask = True  # see scoring_only(); a dry run times full steps instead
+        self.score_before_first_mask = True  # see Scoring.SCORE_ONLY; a dry run times full steps instead
         self.ce = recipe.train.model_copy(update={"loss": "ce"})  # the loss scores may take their gradient from
 
     # -- one step ------------------------------------------------------------------------
-    def scoring_only(self) -> bool:
-        """A kd run whose model is still the dense teacher (no mask yet): score, don't step."""
-        return (self.score_before_first_mask and self.recipe.train.loss == "kd" and self.pruner is not None
-                and not self.pruner.fixed and not self.pruner.history)
+    def scoring_plan(self, step: int) -> Scoring:
+        """Where step `step`'s Taylor scores come from (see `Scoring`), decided once per step."""
+        pruner, recipe = self.pruner, self.recipe
+        if (self.score_before_first_mask and recipe.train.loss == "kd" and pruner is not None and not pruner.fixed
+                and not pruner.history):
+            return Scoring.SCORE_ONLY
+        # Taylor scores from a cross-entropy gradient of their own (`prune.score_loss: ce`) this step?
+        if not (recipe.prune.score_loss == "ce" and recipe.train.loss != "ce" and pruner is not None
+                and pruner.scoring(step)):
+            return Scoring.TRAINING
+        # One forward pass serves both gradients where its graph can be kept for a second backward: no
+        # micro-batches, no gradient accumulation, and not FSDP2 (it frees its gathered weights after a backward).
+        whole = self.micro == recipe.train.batch_size // dist.world_size()
+        return Scoring.SHARED_PASS if recipe.train.grad_accum == 1 and whole and not self.sharded else Scoring.OWN_PASS
 
-    def scores_apart(self, step: int) -> bool:
-        """Taylor scores from a cross-entropy gradient of their own (`prune.score_loss: ce`) this step."""
-        return (self.recipe.prune.score_loss == "ce" and self.recipe.train.loss != "ce" and self.pruner is not None
-                and self.pruner.scoring(step))
+    def _forward_backward(self, step: int, plan: Scoring, scores_pass: bool = False) -> float:
+        """The step's gradient in .grad under `plan`; returns its loss.
 
-    def _forward_backward(self, step: int, cfg=None, count: bool = True, score: bool = False,
-                          only_scores: bool = False) -> float:
-        """The step's gradient of the loss `cfg` names (default: the training loss) in .grad; returns the loss.
-
-        `score` (one micro-batch): the cross-entropy gradient of the same forward pass goes to the
-        pruner's scores first, then the training loss's replaces it (one more backward, no forward).
-        `only_scores`: the gradient feeds the scores alone, so it is taken for the pruned weights only
-        (not the embeddings: on a tied LM head, a vocabulary-sized product per token). The CE backward
-        of `score` always is."""
-        cfg, world, rank = cfg or self.recipe.train, dist.world_size(), dist.rank()
+        The training pass takes the training loss's gradient, except under SCORE_ONLY (the CE one,
+        for the scores alone). Under SHARED_PASS the CE gradient of the same forward pass goes to the
+        scores first, then the training loss's replaces it (one more backward, no forward). The
+        `scores_pass` of OWN_PASS is a CE forward and backward of its own that reads the step's batch
+        a second time (its tokens are not counted again). A gradient that only feeds the scores is
+        taken for the pruned weights alone (not the embeddings: on a tied LM head, a vocabulary-sized
+        product per token); the CE backward of SHARED_PASS always is."""
+        only_scores = scores_pass or plan is Scoring.SCORE_ONLY
+        shared = plan is Scoring.SHARED_PASS and not scores_pass
+        cfg, world, rank = self.ce if only_scores else self.recipe.train, dist.world_size(), dist.rank()
         # FSDP2 reduces each parameter's gradient in hooks of its own: left to them.
         scored = list(self.pruner.weights.values()) if self.pruner and not self.sharded else None
         per_rank = cfg.batch_size // world
@@ -179,8 +197,8 @@ class Trainer:
             parts = ids.split(self.micro)
             for part in parts:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    micro_loss = recovery_loss(self.model, self.teacher, part, cfg, also_ce=score)
-                if score:
+                    micro_loss = recovery_loss(self.model, self.teacher, part, cfg, also_ce=shared)
+                if shared:
                     micro_loss, ce = micro_loss
                     ce.backward(inputs=scored, retain_graph=True)
                     self._average(ce.item())
@@ -188,7 +206,7 @@ class Trainer:
                 share = cfg.grad_accum * len(parts)
                 (micro_loss / share).backward(inputs=scored if only_scores else None)
                 loss += micro_loss.item() / share
-            if count:  # a scoring pass reads the step's batch a second time
+            if not scores_pass:
                 self.log.tokens += batch.numel()
         return self._average(loss)
 
@@ -208,25 +226,19 @@ class Trainer:
         """One optimizer step. Returns the mask update record, if any; raises on a bad loss."""
         step = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
-        scoring, ce = self.scoring_only(), self.ce
-        apart = not scoring and self.scores_apart(step)
-        # The scores from the CE gradient on this batch, then the training gradient: from one forward
-        # pass where the graph can be kept for a second backward (no micro-batches; FSDP2 frees its
-        # gathered weights after a backward), else from a forward and backward of their own.
-        whole = self.micro == self.recipe.train.batch_size // dist.world_size()
-        shared = apart and self.recipe.train.grad_accum == 1 and whole and not self.sharded
-        if apart and not shared:
-            self._forward_backward(step, ce, count=False, only_scores=True)
+        plan = self.scoring_plan(step)
+        if plan is Scoring.OWN_PASS:
+            self._forward_backward(step, plan, scores_pass=True)
             self._score(step)
-        loss = self._forward_backward(step, ce if scoring else None, score=shared, only_scores=scoring)
+        loss = self._forward_backward(step, plan)
         if not math.isfinite(loss):
             raise NonFiniteLoss(step, loss)
         if self.pruner:
-            if not apart:  # a step that only scores always does (it is there for nothing else)
-                self.pruner.observe(step, every_step=scoring)
+            if plan in (Scoring.TRAINING, Scoring.SCORE_ONLY):  # the others scored in their passes
+                self.pruner.observe(step, every_step=plan is Scoring.SCORE_ONLY)
             self.pruner.mask_gradients_()
         self.log.lr.append(self.optimizer.param_groups[0]["lr"])
-        if scoring:
+        if plan is Scoring.SCORE_ONLY:
             loss = 0.0  # the KD loss of a model equal to its teacher
             self.optimizer.last_ta = {}
         else:

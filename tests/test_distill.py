@@ -15,7 +15,7 @@ from compressor.distill import (chat_stream, dense_loss, instruction_prompts, kd
 from compressor.errors import UsageError
 from compressor.models import load_model
 from compressor.recipe import TrainConfig
-from compressor.train import Interrupted
+from compressor.train import Interrupted, Scoring
 
 from .conftest import build_model, run_cli, save_tiny
 from .test_resume import _same
@@ -143,14 +143,14 @@ def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask(
                       torch.device("cpu"), teacher)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(3):
-        assert trainer.scoring_only()
+        assert trainer.scoring_plan(trainer.step + 1) is Scoring.SCORE_ONLY
         trainer.train_step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.get_input_embeddings().weight.grad is None  # a gradient for the scores: pruned weights only
     # CE, not noise: each layer's top score measured >= 0.018; a KD gradient's rounding noise would be ~1e-8.
     assert trainer.log.loss == [0.0] * 3 and all(s.max() > 1e-3 for s in pruner.scores.values())  # CE, not noise
     trainer.train_step()  # step 4: the first mask
-    assert pruner.history and not trainer.scoring_only()
+    assert pruner.history and trainer.scoring_plan(trainer.step + 1) is not Scoring.SCORE_ONLY
     trainer.train_step()
     # The KD loss once half the weights are masked: measured 0.69 against fp32 noise ~1e-7.
     assert trainer.log.loss[-1] > 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -182,7 +182,10 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
                           10, torch.device("cpu"), teacher_copy(model))
         while not pruner.history:
             trainer.train_step()  # scoring-only steps (CE either way) up to the first mask
-        assert trainer.scores_apart(trainer.step + 1) == (score_loss == "ce")
+        # CE scores beside a KD step: from the same forward pass unless gradients accumulate over batches
+        shared_or_own = [Scoring.SHARED_PASS, Scoring.OWN_PASS][grad_accum - 1]
+        expected = Scoring.TRAINING if score_loss == "train" else shared_or_own
+        assert trainer.scoring_plan(trainer.step + 1) is expected
         # This step's CE gradient, on a copy, for the score it should fold in.
         probe = copy.deepcopy(model)
         for micro in range(grad_accum):
@@ -228,7 +231,7 @@ def test_score_steps_score_only_before_each_mask_update_and_on_every_step_that_o
     scored, apart = [], []
     for step in range(1, 11):
         old = {n: s.clone() for n, s in pruner.scores.items()}
-        apart.append(trainer.scores_apart(step) and not trainer.scoring_only())
+        apart.append(trainer.scoring_plan(step) in (Scoring.SHARED_PASS, Scoring.OWN_PASS))
         trainer.train_step()
         if any(n not in old or not torch.equal(old[n], s) for n, s in pruner.scores.items()):
             scored.append(step)

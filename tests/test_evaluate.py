@@ -115,7 +115,7 @@ def test_eval_reference_from_the_command_line(tmp_path, tokenizer, data_dir):
     drift = json.loads(result.stdout)
     # Two different random models: KL measured 0.043 nats, 1e5x the rounding of an fp32 KL.
     assert drift["perplexity"]["kl"] > 0 and drift["reference"]["path"] == str(dense.resolve())
-    from compressor.export.folder import save_model
+    from compressor.folder import save_model
 
     save_model(build_model("llama", 50), tokenizer, tmp_path / "small", {})  # another vocabulary
     result = run_cli("eval", dense, "--reference", tmp_path / "small", *args)

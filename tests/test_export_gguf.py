@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from compressor.export.folder import save_model
+from compressor.folder import save_model
 from compressor.export.gguf import read_back, write_gguf
 from compressor.models import load_model
 from compressor.pruner import Pruner

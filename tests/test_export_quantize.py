@@ -20,7 +20,7 @@ from compressor.evaluate import perplexity, top1_agreement
 from compressor.export.graph import export_decoder
 from compressor.export.quantize import quantize_decoder
 from compressor.generation import OnnxDecoder
-from compressor.gptq import Quantized, block_grid, codes, gptq, quantize_modules
+from compressor.export.gptq import Quantized, block_grid, codes, gptq, quantize_modules
 from compressor.models import prunable_weights
 from compressor.pruner import Pruner
 from compressor.recipe import PruneConfig
@@ -123,9 +123,9 @@ def test_quantized_model_is_smaller_keeps_zeros_and_agrees_with_fp32(pruned_expo
               for name, m in prunable_weights(model).items()}
     calibrated = quantize_modules(model, prunable_weights(model), calibration) if bits == 4 else None
     folder = root / f"int{bits}"
-    from compressor.export import _last_layers
+    from compressor.export.onnx_outputs import last_layers
 
-    eight_bit = _last_layers(model, 0.1) if bits == 4 else set()
+    eight_bit = last_layers(model, 0.1) if bits == 4 else set()
     assert len(eight_bit) in (0, 4 if kind == "gpt2" else 7)  # the projections of the last of 2 layers
     info = quantize_decoder(root / "onnx", folder, bits, layers=layers, calibrated=calibrated, eight_bit=eight_bit)
     fp32_bytes = (root / "onnx" / "model.onnx").stat().st_size + (root / "onnx" / "model.onnx.data").stat().st_size

@@ -357,11 +357,11 @@ def export_gguf(model, tokenizer, model_dir: Path, folder: Path, kinds: list[str
 
     `base`: the GGUF whose metadata and tokenizer to copy (default: the `.gguf` the
     model was loaded from, when its saved metadata records one that is still there).
-    With an `evaluation` (`export.Evaluation`), each file's perplexity and top-1
+    With an `evaluation` (`compressor.evaluate.Evaluation`), each file's perplexity and top-1
     agreement with the PyTorch model, by the run's protocol.
     """
     from ..generation import TorchDecoder
-    from .folder import directory_bytes, read_metadata
+    from ..folder import directory_bytes, read_metadata
     from .parity import check_greedy, prompt_ids
 
     base = base or base_file(read_metadata(model_dir))

@@ -36,10 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import JobError
-from .folder import copy_side_files
+from ..folder import GENAI_CONFIG, ONNX_NAME, copy_side_files, onnx_bytes
 
-ONNX_NAME = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
 BUILDER_ARCHITECTURES = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
     "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
@@ -58,17 +56,6 @@ def quiet():
             yield sink
     finally:
         logging.disable(previous)
-
-
-def onnx_bytes(path: Path) -> int:
-    """Size of an ONNX model with its external data file, if any."""
-    path = Path(path)
-    return path.stat().st_size + sum(p.stat().st_size for p in external_data(path))
-
-
-def external_data(path: Path) -> list[Path]:
-    # torch and the builder write model.onnx.data; onnxruntime's quantizer can write model.onnx_data.
-    return [p for p in (path.with_name(f"{path.name}.data"), path.with_name(f"{path.name}_data")) if p.exists()]
 
 
 def architecture(model: nn.Module) -> str:

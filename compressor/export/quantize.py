@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import JobError
-from .graph import ONNX_NAME, copy_side_files, onnx_bytes, quiet
+from ..folder import ONNX_NAME, copy_side_files, onnx_bytes
+from .graph import quiet
 
 HEAD_BITS = 8
 

@@ -2,7 +2,7 @@
 
 A fresh 100-million-element temporary on every step is slow on CPU for a reason that
 has nothing to do with arithmetic: large allocations come from the operating system
-page by page (half the CPU time went to the kernel in the measurements of issue 11).
+page by page (half the CPU time went to the kernel when SmolLM2-135M trained without them).
 The same holds for the hidden temporary of a mixed-dtype product: `w * mask` with a
 boolean mask first casts the mask to a fresh float tensor. Here the cast goes into a
 reused buffer instead.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-class Scratch:
+class ScratchBuffers:
     """One flat buffer per (device, dtype, slot), grown to the largest tensor asked for."""
 
     def __init__(self):

@@ -1,4 +1,5 @@
-"""Writing results: the pruned model in Hugging Face layout, and whole-or-nothing outputs."""
+"""Output folders: the pruned model in Hugging Face layout, whole-or-nothing writes, and the file
+names every artifact folder shares (read by loading and generation, written by the exports)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import UsageError
+from .errors import UsageError
 
 
 def save_model(model, tokenizer, folder: Path, metadata: dict[str, str]) -> None:
@@ -79,6 +80,8 @@ def staged_output(out: Path, overwrite: bool):
         stage.rename(out)
 
 
+ONNX_NAME = "model.onnx"  # with its weights beside it in model.onnx.data
+GENAI_CONFIG = "genai_config.json"  # what onnxruntime-genai and `tapc generate` read beside an ONNX model
 WEIGHT_FILES = (".safetensors", ".index.json", ".onnx", ".onnx.data", ".onnx_data")
 
 
@@ -88,3 +91,14 @@ def copy_side_files(source: Path, folder: Path) -> None:
     for path in Path(source).iterdir():
         if path.is_file() and not path.name.endswith(WEIGHT_FILES):
             shutil.copy2(path, folder / path.name)
+
+
+def onnx_bytes(path: Path) -> int:
+    """Size of an ONNX model with its external data file, if any."""
+    path = Path(path)
+    return path.stat().st_size + sum(p.stat().st_size for p in external_data(path))
+
+
+def external_data(path: Path) -> list[Path]:
+    # torch and the builder write model.onnx.data; onnxruntime's quantizer can write model.onnx_data.
+    return [p for p in (path.with_name(f"{path.name}.data"), path.with_name(f"{path.name}_data")) if p.exists()]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from compressor import compress, load_recipe
 from compressor.data import load_texts, tokenize
 from compressor.evaluate import perplexity
-from compressor.export.folder import read_metadata, save_model, staged_output
+from compressor.folder import read_metadata, save_model, staged_output
 from compressor.pruner import Pruner
 from compressor.recipe import PruneConfig
 

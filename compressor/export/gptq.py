@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import layer_by_layer
-from .patterns import as_rows
+from ..calibration import layer_by_layer
+from ..patterns import as_rows
 
 QMAX = 15  # 4-bit codes 0..15
 

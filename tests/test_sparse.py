@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor.export.sparse import write_sparse
+from compressor.sparse import write_sparse
 from compressor.models import load_model, prunable_weights
 from compressor.pruner import Pruner
 from compressor.recipe import PruneConfig
-from compressor.export.sparse import FILENAME, is_sparse, load_sparse, save_sparse
+from compressor.sparse import FILENAME, is_sparse, load_sparse, save_sparse
 
 from .conftest import build_model
 
