@@ -134,7 +134,7 @@ def compress(model: str, recipe: Recipe | None = None, out: str | Path | None = 
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
-    teacher = teacher or _reload_dense(model, device, load, notify)  # cross-entropy runs did not keep it
+    teacher = teacher if teacher is not None else _reload_dense(model, device, load, notify)  # ce runs kept none
     pruned_top1: list = []  # the fp32 model's predictions, for the quantized models' top-1 agreement
     pruned = evaluate("eval-pruned", net, pruned_top1, teacher)
     evaluation = Evaluation(lambda m, top1: evaluate("eval-quantized", m, top1, teacher), pruned, pruned_top1)
