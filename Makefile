@@ -25,7 +25,7 @@ smollm2: setup
 # The main job: compress SmolLM2-135M to 30% with the quick CPU recipe.
 # Data: WikiText-2 from the Hub, or TAPC_DATA_DIR when set.
 demo: smollm2
-	$(VENV)/bin/tapc compress "$$($(PY) benchmarks/common.py)" --recipe quick-cpu --out $(OUT) --overwrite
+	$(VENV)/bin/tapc compress "$$($(PY) -m compressor.testing)" --recipe quick-cpu --out $(OUT) --overwrite
 
 test: smollm2
 	$(PY) -m pytest

@@ -29,8 +29,8 @@ from compressor.distill import HELD_OUT, chat_stream, instruction_prompts
 from compressor.evaluate import perplexity
 from compressor.generation import generate, open_decoder
 from compressor.models import load_model
+from compressor.testing import smollm2_gguf
 
-from .common import smollm2_gguf
 from .recovery import DATA
 
 PROMPTS = ["The history of the city", "My favourite way to spend a Sunday is"]

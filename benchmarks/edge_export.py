@@ -36,7 +36,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import smollm2_gguf  # noqa: E402
 from compressor import compress, load_model, load_recipe  # noqa: E402
 from compressor.data import load_texts, tokenize  # noqa: E402
 from compressor.evaluate import perplexity, top1_agreement  # noqa: E402
@@ -45,6 +44,7 @@ from compressor.export.folder import directory_bytes  # noqa: E402
 from compressor.export.graph import build_with_genai, onnx_bytes  # noqa: E402
 from compressor.generation import OnnxDecoder, TorchDecoder, generate  # noqa: E402
 from compressor.recipe import ExportConfig  # noqa: E402
+from compressor.testing import smollm2_gguf  # noqa: E402
 
 PROMPT = "The history of the city"
 NEW_TOKENS = 128

@@ -19,7 +19,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
-MODEL=$($PY benchmarks/common.py)
+MODEL=$($PY -m compressor.testing)
 $PY - "$WORK/recipe.yaml" <<'PY'
 import sys
 from compressor import load_recipe

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from compressor import compress, load_recipe
 from compressor.memory import GB, estimate_for, meta_model
+from compressor.testing import smollm2_gguf
 
-from .common import smollm2_gguf
 from .recovery import DATA
 
 

@@ -36,8 +36,7 @@ def prepare(out: Path, dataset: str, windows: int, seq_len: int, seed: int) -> N
     from compressor.data import load_texts, tokenize
     from compressor.data import windows as split
     from compressor.models import load_model
-
-    from .common import smollm2_gguf
+    from compressor.testing import smollm2_gguf
 
     loaded = load_model(str(smollm2_gguf()))
     loaded.model.save_pretrained(out / "dense")

@@ -53,10 +53,10 @@ from compressor.calibration import sample_windows
 from compressor.pruner import Pruner, build_pruner
 from compressor.recipe import PruneConfig, Recipe, load_recipe
 from compressor.saliency import NEEDS_ACTIVATIONS
+from compressor.testing import bpe_tokenizer, smollm2_gguf
 from compressor.train import build_optimizer, train
 
 from . import recovery_cost, recovery_report
-from .common import smollm2_gguf
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-local"
 
@@ -551,16 +551,9 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
 # -- loading ----------------------------------------------------------------------------
 def tiny_model(texts: dict[str, str]):
     """A 2-layer Llama from a config and a byte-level BPE trained on the text: no downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts.values(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tokenizer = bpe_tokenizer(texts.values())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .common import smollm2_gguf
+from compressor.testing import smollm2_gguf
+
 from .recovery import DATA
 
 SETTINGS = {"1 process": (1, "ddp"), "2 processes, ddp": (2, "ddp"), "2 processes, fsdp": (2, "fsdp")}

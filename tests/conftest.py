@@ -46,17 +46,10 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory, data_dir):
     """A byte-level BPE tokenizer (vocab 320) trained on the fixture text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from compressor.testing import bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([(data_dir / f"{s}.txt").read_text() for s in ("train", "validation", "test")], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    texts = [(data_dir / f"{s}.txt").read_text() for s in ("train", "validation", "test")]
+    return bpe_tokenizer(texts, roles=("eos", "bos", "pad"))
 
 
 def build_model(kind: str, vocab_size: int, init_range: float = 0.02):

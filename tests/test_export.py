@@ -71,8 +71,8 @@ def test_failed_onnx_export_keeps_the_rest(gpt2_dir, data_dir, quick_recipe_file
 
 
 def test_parity_failure_keeps_no_onnx_folder(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
-    from benchmarks.parity_mutations import CacheOneShort
     from compressor import generation
+    from compressor.testing import CacheOneShort
 
     # A real bug in how the graph is fed: decode steps see the cache one token short.
     monkeypatch.setattr(generation, "OnnxDecoder", CacheOneShort)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.parity_mutations import MUTATIONS, mutated_decoder
 from compressor.export.parity import check_logits
 from compressor.generation import OnnxDecoder
+from compressor.testing import MUTATIONS, mutated_decoder
 
 from .conftest import build_model
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from benchmarks.common import smollm2_gguf
+from compressor.testing import smollm2_gguf
 from compressor.cli import cli
 
 from .conftest import SHARED_DATA
