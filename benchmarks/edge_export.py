@@ -40,8 +40,8 @@ from compressor import compress, load_model, load_recipe  # noqa: E402
 from compressor.data import load_texts, tokenize  # noqa: E402
 from compressor.evaluate import perplexity, top1_agreement  # noqa: E402
 from compressor.export import export_model  # noqa: E402
-from compressor.export.folder import directory_bytes  # noqa: E402
-from compressor.export.graph import build_with_genai, onnx_bytes  # noqa: E402
+from compressor.export.graph import build_with_genai  # noqa: E402
+from compressor.folder import directory_bytes, onnx_bytes  # noqa: E402
 from compressor.generation import OnnxDecoder, TorchDecoder, generate  # noqa: E402
 from compressor.recipe import ExportConfig  # noqa: E402
 from compressor.testing import smollm2_gguf  # noqa: E402

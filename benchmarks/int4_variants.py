@@ -29,11 +29,11 @@ from benchmarks.edge_export import NEW_TOKENS, PROMPT, GenaiDecoder, builder_int
 from compressor import load_model  # noqa: E402
 from compressor.data import load_texts, tokenize, windows  # noqa: E402
 from compressor.evaluate import perplexity, top1_agreement  # noqa: E402
-from compressor.export import _last_layers  # noqa: E402
-from compressor.export.graph import onnx_bytes  # noqa: E402
+from compressor.export.gptq import quantize_modules  # noqa: E402
+from compressor.export.onnx_outputs import last_layers  # noqa: E402
 from compressor.export.quantize import quantize_decoder  # noqa: E402
+from compressor.folder import onnx_bytes  # noqa: E402
 from compressor.generation import OnnxDecoder  # noqa: E402
-from compressor.gptq import quantize_modules  # noqa: E402
 from compressor.models import prunable_weights  # noqa: E402
 from compressor.patterns import as_rows  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     for name, v in VARIANTS.items():
         folder = out / f"int4-{name}"
         info = quantize_decoder(out / "onnx", folder, 4, layers=layers, calibrated=calibrated,
-                                eight_bit=_last_layers(model, v["int8_layers"]), head_bits=v["head_bits"])
+                                eight_bit=last_layers(model, v["int8_layers"]), head_bits=v["head_bits"])
         folders[name] = (folder, info)
     if not (out / "genai-int4").is_dir():
         builder_int4(out / "model", out / "genai-int4")
