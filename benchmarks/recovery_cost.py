@@ -21,13 +21,23 @@ update pay for the scores).
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from compressor.distill import uses_teacher
+from compressor.pruner import Pruner
+from compressor.recipe import validate_recipe
+from compressor.train import build_optimizer, train
+
+from .recovery_methods import Method
 
 PAGE = 4096
 
@@ -60,13 +70,6 @@ class PeakRSS:
 
 
 def _child(conn, config, state_path, train_windows, recipe_json, prune, steps, threads):
-    from transformers import AutoModelForCausalLM
-
-    from compressor.distill import uses_teacher
-    from compressor.pruner import Pruner
-    from compressor.recipe import validate_recipe
-    from compressor.train import build_optimizer, train
-
     torch.set_num_threads(threads)
     # A .gguf checkpoint leaves a quantization config behind although its weights are
     # float32 by now; the copy here is a plain float model.
@@ -126,13 +129,6 @@ def measure(bench, method, recipe_for, log, isolate: bool = True) -> dict:
     `isolate=False` (the quick mode in the test suite) runs in this process to save the
     seconds a spawn costs: the times still compare, the memory figures do not.
     """
-    import multiprocessing
-    import tempfile
-
-    from compressor.distill import uses_teacher
-
-    from .recovery import Method
-
     s = bench.settings
     steps = s.cost_steps
     plain = recipe_for(bench, Method("", "", "finetune", 0.0, {"ta.enabled": False, "train.steps": steps}))

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from dataclasses import asdict
 from pathlib import Path
+
+from .recovery_methods import default
 
 PRE = 3
 TOLERANCE = 0.05
@@ -277,8 +280,6 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
     trained by distillation (ranked by their drift from the dense model on the validation
     windows); the one-shot rows, never trained, head both. The default job's row (quick-cpu's settings
     at that sparsity, under distillation) says so."""
-    from .recovery import default  # imports this module
-
     groups: dict[str, list[dict]] = {}
     for run in runs.values():
         if "perplexity" in run:
@@ -338,8 +339,6 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
 
 
 def write(out: Path, settings, runs: dict[str, dict]) -> dict:
-    from dataclasses import asdict
-
     peer_lines, peer_rows = peer_table(runs, settings.sparsities)
     # Issue 4's tables: seed 0, cross-entropy only (its recovery measures divide by the dense CE loss).
     runs = {k: r for k, r in runs.items() if _base_id(k) == k and _loss(r) in (None, "ce")}
