@@ -27,6 +27,8 @@ smollm2: setup
 demo: smollm2
 	$(VENV)/bin/tapc compress "$$($(PY) -m compressor.testing)" --recipe quick-cpu --out $(OUT) --overwrite
 
+# Every test (what CI runs). test-fast leaves out those marked slow: the real model,
+# several processes (torchrun, spawn), the benchmarks end to end.
 test: smollm2
 	$(PY) -m pytest
 

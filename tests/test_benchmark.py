@@ -1,14 +1,19 @@
-"""The recovery benchmark of issue 4: its quick mode runs end to end (so the script
-cannot rot) and its recovery-speed metric counts what it says it counts."""
+"""The benchmark scripts themselves: the recovery benchmark runs a tiny experiment end to end (so the script
+cannot rot), its report rebuilds its tables from the run JSONs alone, its recovery-speed metrics count what
+they say, and every method a plan names is one recipe tapc accepts. Nothing here pins the catalogue of
+experiments: ids are built by the same functions the benchmark builds them with."""
 
 from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import recovery, recovery_report
+from benchmarks import recovery_methods as methods
+from compressor.recipe import load_recipe
 
 from .conftest import SHARED_DATA
 
@@ -46,15 +51,95 @@ def test_probe_recovery_counts_steps_to_within_5pct_and_to_half_the_jump():
     assert recovery_report._mean_steps(censored, "half") == 2  # never reached: probed steps + 1
 
 
+PLANS = {"default": {}, "quick": recovery.QUICK, "full": recovery.FULL, "peers": {"peers": True},
+         "peers, distilled": {"peers": True, "loss": "kd"}}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_every_planned_method_is_one_recipe_tapc_accepts(plan):
+    """A run is stored and resumed by its id: one id is one method, and its recipe overrides are valid."""
+    settings = recovery.Settings(**PLANS[plan])
+    bench = SimpleNamespace(settings=settings)  # all `recipe_for` reads
+    seen = {}
+    for method in recovery.plan(settings, {}):
+        assert seen.setdefault(method.id, method) == method, method.id  # a plan may name a method twice
+        if method.kind in (*recovery.TRAINED, "calibrated"):
+            recipe = recovery.recipe_for(bench, method)
+            assert recipe.prune.sparsity == method.sparsity or method.kind == "finetune"
+            assert recipe.train.loss == settings.loss
+    assert "dense" in seen and len(seen) > 1
+
+
+def _fake_run(settings, method, ppl: float, **more) -> dict:
+    return {"id": method.id, "label": method.label, "kind": method.kind, "sparsity": method.sparsity,
+            "settings": settings.fingerprint(method.kind), "model": "a tiny model",
+            "perplexity": {"ppl": ppl, "protocol": "windows of 64", "tokens": 256}, **more}
+
+
+def _fake_trained(settings, method, ppl: float, val_loss: float, seed: int = 0) -> dict:
+    steps = settings.steps
+    updates = [] if method.kind == "finetune" else [{"step": 2}, {"step": 4}]
+    over = method.overrides
+    run = _fake_run(settings, method, ppl, lr=over["optim.lr"], val_loss=val_loss, val_kl=0.1,
+                    train_seconds=0.5 * steps, log={"loss": [3.0 - 0.1 * i for i in range(steps)],
+                                                    "mask_updates": updates},
+                    ta={"lr": over["ta.lr"]} if over.get("ta.enabled") else None, recipe={"train": {"loss": "ce"}})
+    if updates:
+        run["probe"] = [{"step": 2, "before": 2.9, "trace": [3.2, 2.95, 2.9]},
+                        {"step": 4, "before": 2.7, "trace": [2.72]}]
+    if seed:
+        run["id"] = f"{run['id']}-seed{seed}"
+        run["settings"]["seed"] = seed
+    return run
+
+
+def test_report_rebuilds_its_tables_from_run_jsons(tmp_path):
+    """`--report-only` reads OUT/runs/*.json, keeps the runs of the same settings, and writes results.{md,json}
+    and the loss plot from them, without a model or data."""
+    settings = recovery.Settings(**recovery.QUICK)
+    s, lr = settings.sparsities[0], settings.lrs[0]
+    adamw, ta = methods.taylor(s, lr), methods.taylor(s, lr, settings.ta_lrs[0])
+    finetune, oneshot = methods.finetune(lr), methods.peer(s, "sparsegpt")
+    fixed_mask = methods.peer(s, "sparsegpt", lr)
+    runs = [_fake_run(settings, recovery.Method("dense", "dense", "dense"), 20.0),
+            _fake_trained(settings, finetune, 21.0, 2.9),
+            _fake_trained(settings, adamw, 30.0, 3.2), _fake_trained(settings, ta, 29.0, 3.1),
+            _fake_run(settings, oneshot, 40.0), _fake_trained(settings, fixed_mask, 31.0, 3.3),
+            _fake_trained(settings, fixed_mask, 33.0, 3.5, seed=1)]
+    other = _fake_trained(settings, methods.taylor(s, 2 * lr), 25.0, 3.0)
+    other["settings"]["steps"] += 1  # another budget: not this report's
+    (tmp_path / "runs").mkdir()
+    for run in [*runs, other]:
+        (tmp_path / "runs" / f"{run['id']}.json").write_text(json.dumps(run))
+
+    result = recovery.main(["--quick", "--report-only", "--out", str(tmp_path)])
+
+    summary = result["summary"]
+    assert set(summary["rows"]) == {r["id"] for r in runs if "-seed" not in r["id"]}  # seed 0 rows only
+    assert summary["ceiling"] == finetune.id and summary["verdicts"][str(s)]["best_recipe"] == ta.id
+    assert summary["verdicts"][str(s)]["best_adamw"] == adamw.id
+    peer_row = summary["peers"][fixed_mask.id]  # both seeds, one row
+    assert peer_row["seeds"] == 2 and peer_row["ppl"] == 32.0 and peer_row["ppl_sd"] > 0
+    md = (tmp_path / "results.md").read_text()
+    for run in runs:
+        assert f"`{run['id'].removesuffix('-seed1')}`" in md
+    assert other["id"] not in md
+    assert "## Against the peers" in md and f"| {fixed_mask.label} |" in md
+    assert (tmp_path / f"loss-{methods.sid(s)}.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == json.loads(json.dumps(summary))
+
+
+@pytest.mark.slow
 def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["--quick", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003"]
     result = recovery.main(args)
     rows = result["summary"]["rows"]
-    kinds = {r["kind"] for r in rows.values()}
-    assert kinds == {"dense", "oneshot", "finetune", "prune", "shock"}
-    assert {"s50-oneshot-magnitude", "s50-oneshot-wanda", "s50-taylor-adamw-lr0.003", "s50-taylor-ta0.01-lr0.003",
-            "s50-gmp-adamw-lr0.003", "s50-taylor-ta0.003-lr0.003", "dense-finetune-lr0.003"} <= set(rows)
+    stored = {p.stem for p in (out / "runs").glob("*.json")}
+    assert set(rows) == stored - {"cost"}  # every finished method is written, and reported
+    # Every kind of row the quick plan has runs: no training, one-shot, dense fine-tuning, dynamic pruning,
+    # and recovery from a one-shot mask.
+    assert {r["kind"] for r in rows.values()} >= {"dense", "oneshot", "finetune", "prune", "shock"}
     for row in rows.values():
         assert row["ppl"] > 1
         if row["kind"] == "prune":
@@ -65,10 +150,12 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     cost = result["runs"]["cost"]["ratios"]
     assert cost["step_time"] > 0 and cost["peak_memory"] > 0
     md = (out / "results.md").read_text()
-    assert "| one-shot global Wanda (not the paper's per-row Wanda) |" in md and "## Cost of pruning + TA" in md
+    assert all(f"`{row_id}`" in md for row_id in rows) and "## Cost of pruning + TA" in md
     assert "## Recovery from a one-shot mask" in md and (out / "shock.png").stat().st_size > 1000
     assert (out / "loss-s50.png").stat().st_size > 1000
-    assert json.loads((out / "results.json").read_text())["summary"]["ceiling"] == "dense-finetune-lr0.003"
+    finetuned = [r for r in rows.values() if r["kind"] == "finetune"]
+    ceiling = min(finetuned, key=lambda r: r["val_loss"])["id"]
+    assert json.loads((out / "results.json").read_text())["summary"]["ceiling"] == ceiling
     # A rerun finds every method done and trains nothing.
     capsys.readouterr()
     again = recovery.main(args)
@@ -76,10 +163,12 @@ def test_quick_benchmark_end_to_end_and_resumes(tmp_path, capsys):
     assert again["summary"] == result["summary"]
 
 
+@pytest.mark.slow
 def test_peer_rows_average_over_seeds(tmp_path):
-    """Issue 11's rows: SparseGPT one-shot and then AdamW, two seeds, one line each with mean and sd."""
+    """The peers' rows: SparseGPT one-shot and then AdamW, two seeds, one line each with mean and sd."""
     out = tmp_path / "bench"
-    ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003"]
+    oneshot, fixed_mask = methods.peer(0.5, "sparsegpt"), methods.peer(0.5, "sparsegpt", 0.003)
+    ids = [oneshot.id, fixed_mask.id]
     for seed in (0, 1):
         only = ",".join(ids if seed == 0 else [f"{i}-seed1" for i in ids])
         result = recovery.main(["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs",
@@ -88,18 +177,20 @@ def test_peer_rows_average_over_seeds(tmp_path):
     assert set(peers) == set(ids)
     for row in peers.values():
         assert row["seeds"] == 2 and row["ppl_sd"] is not None and row["ppl_sd"] > 0  # other windows and batches
-    assert peers["s50-sparsegpt-adamw-lr0.003"]["val_loss"] is not None
+    assert peers[fixed_mask.id]["val_loss"] is not None
     md = (out / "results.md").read_text()
-    assert "## Against the peers (issue 11)" in md and "| SparseGPT, then AdamW, mask fixed |" in md
+    assert "## Against the peers" in md and f"| {fixed_mask.label} |" in md
 
 
+@pytest.mark.slow
 def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
     """`--loss kd`: every trained row distils from the dense model, is stored apart from the CE rows
     (ids end in -kd), records its drift on validation and test tokens, and reuses the one-shot mask from disk.
     Its cost run distils too, and times the CE-scored step beside the default one."""
     out = tmp_path / "bench"
     base = ["--quick", "--peers", "--dataset", str(SHARED_DATA), "--out", str(out), "--lrs", "0.003"]
-    ids = ["s50-sparsegpt", "s50-sparsegpt-adamw-lr0.003-kd"]
+    oneshot, fixed_mask = methods.peer(0.5, "sparsegpt"), methods.peer(0.5, "sparsegpt", 0.003)
+    ids = [oneshot.id, f"{fixed_mask.id}-kd"]  # the one-shot row is never trained: no suffix
     result = recovery.main([*base, "--loss", "kd", "--only", ",".join([*ids, "cost-kd"])])
     cost = result["runs"]["cost-kd"]
     assert cost["loss"] == "kd" and set(cost["median"]) == {"adamw", "prune+ta", "prune+ta, CE scores",
@@ -110,12 +201,12 @@ def test_peer_rows_by_distillation_are_ranked_by_drift(tmp_path):
     run = json.loads((out / "runs" / f"{ids[1]}.json").read_text())
     assert run["recipe"]["train"]["loss"] == "kd"
     assert run["val_kl"] > 0 and run["perplexity"]["kl"] > 0 and 0 < run["perplexity"]["agreement"] < 1
-    assert set(result["summary"]["rows"]) == {"s50-sparsegpt"}  # issue 4's tables: cross-entropy only
+    assert set(result["summary"]["rows"]) == {oneshot.id}  # the TA matrix's tables: cross-entropy only
     # The one-shot mask's jump, probed from before step 1 until half of it is repaired.
     landed = run["probe"][0]
     assert landed["step"] == 0 and landed["before"] > 0 and landed["trace"][0] != landed["before"]
     md = (out / "results.md").read_text()
-    assert "Trained by distillation from the dense model" in md and "| kd | `s50-sparsegpt-adamw-lr0.003-kd` |" in md
+    assert "Trained by distillation from the dense model" in md and f"| kd | `{ids[1]}` |" in md
     assert "## Cost of pruning + TA against plain AdamW (train.loss kd)" in md
     with pytest.raises(SystemExit, match="add --peers"):
         recovery.main([a for a in base if a != "--peers"] + ["--loss", "kd"])
@@ -152,28 +243,31 @@ def test_peer_table_marks_the_default_job_at_each_sparsity():
                 "recipe": {"train": {"loss": "kd"}}, "val_kl": val_kl,
                 "perplexity": {"ppl": 30.0, "kl": 0.1, "agreement": 0.8}}
 
-    runs = {r["id"]: r for r in [
-        {"id": "s30-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.3,
-         "perplexity": {"ppl": 32.0}},
-        run("s30-taylor-cescore-ta0.1-lr5e-05-kd", 0.3, 0.08), run("s30-taylor-cescore-ta0.1-lr0.0001-kd", 0.3, 0.1),
-        {"id": "s50-sparsegpt", "label": "SparseGPT one-shot", "kind": "calibrated", "sparsity": 0.5,
-         "perplexity": {"ppl": 52.0}},
-        run("s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd", 0.5, 0.35),
-        run("s50-taylor-cescore-ta0.1-lr0.0002-kd", 0.5, 0.36)]}
+    runs, defaults = {}, set()
+    for sparsity in (0.3, 0.5):
+        oneshot = methods.peer(sparsity, "sparsegpt")
+        runs[oneshot.id] = {"id": oneshot.id, "label": oneshot.label, "kind": oneshot.kind, "sparsity": sparsity,
+                            "perplexity": {"ppl": 40.0}}
+        default = methods.default(sparsity)
+        lr = default.overrides["optim.lr"]
+        elsewhere = default.id.replace(methods.lr_id(lr), methods.lr_id(2 * lr))
+        for run_id, val_kl in ((f"{default.id}-kd", 0.1), (f"{elsewhere}-kd", 0.08)):
+            runs[run_id] = run(run_id, sparsity, val_kl)
+        defaults.add(f"{default.id}-kd")
     _, rows = recovery_report.peer_table(runs, [0.3, 0.5])
-    marked = {i for i, r in rows.items() if "quick-cpu's default" in r["label"]}
-    assert marked == {"s30-taylor-cescore-ta0.1-lr5e-05-kd", "s50-taylor-cescore-warmup0.05-ta0.1-lr0.0002-kd"}
+    assert {i for i, r in rows.items() if "quick-cpu's default" in r["label"]} == defaults
 
 
 def test_default_job_variants_change_the_optimizer_and_nothing_else():
-    """Item 5 under KD compares the default job with itself under plain AdamW and another eta_TA."""
-    base = recovery.default(0.5)
-    adamw, ta1 = recovery.default(0.5, ta_lr=None), recovery.default(0.5, ta_lr=1.0)
+    """The default job against itself under plain AdamW and under another eta_TA."""
+    recipe = load_recipe("quick-cpu", {"prune.sparsity": 0.5})
+    base = methods.default(0.5)
+    adamw, ta1 = methods.default(0.5, ta_lr=None), methods.default(0.5, ta_lr=1.0)
+    assert base.overrides["ta.lr"] == recipe.ta.lr and base.overrides["optim.lr"] == recipe.optim.lr
     assert adamw.overrides["ta.enabled"] is False and ta1.overrides["ta.lr"] == 1.0
-    assert base.overrides["ta.lr"] == 0.1
     ta_keys = {"ta.enabled", "ta.lr"}
     for variant in (adamw, ta1):
         assert {k: v for k, v in variant.overrides.items() if k not in ta_keys} == \
                {k: v for k, v in base.overrides.items() if k not in ta_keys}
-    assert adamw.id == "s50-taylor-cescore-warmup0.05-adamw-lr0.0002"
-    assert ta1.id == "s50-taylor-cescore-warmup0.05-ta1-lr0.0002"
+    tag = f"-ta{recipe.ta.lr:g}-"
+    assert adamw.id == base.id.replace(tag, "-adamw-") and ta1.id == base.id.replace(tag, "-ta1-")

@@ -20,6 +20,7 @@ from .conftest import build_model, free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start,loss", [("dense", "ce"), ("sparsegpt", "ce+kd")])
 def test_two_processes_match_one(no_dropout_model, data_dir, quick_recipe_file, tmp_path, start, loss):
     """Also with distillation: every process runs the teacher on its share of the batch."""

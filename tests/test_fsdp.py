@@ -37,6 +37,7 @@ def _run(args, out, two: bool) -> dict:
     return json.loads(done.stdout)  # rank 1 prints nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,extra", [("llama", ["--loss", "ce"]),
                                         ("gpt2", ["--loss", "ce+kd", "--start-from", "sparsegpt", "--pattern", "2:4"])],
                          ids=["llama-ce", "gpt2-sparsegpt-2:4-ce+kd"])
@@ -68,6 +69,7 @@ def test_fsdp_matches_one_process(kind, extra, no_dropout_model, tokenizer, data
     assert two["sparsity"]["prunable_sparsity"] == pytest.approx(0.5, abs=1e-6)  # counts: round(0.5 n) of n zeros
 
 
+@pytest.mark.slow
 def test_fsdp_run_stopped_by_sigterm_resumes_to_the_same_weights(no_dropout_model, data_dir, quick_recipe_file,
                                                                  tmp_path):
     args = ["-m", "compressor", "compress", str(no_dropout_model), "--recipe", str(quick_recipe_file), "--dataset",
@@ -120,6 +122,7 @@ def _sharded_masks(rank: int, world: int, port: int, scores, k: int, results) ->
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 77])
 def test_sharded_threshold_breaks_ties_as_one_process(k):
     """Many equal scores across both processes' rows: the same masks as one process, to the element."""
