@@ -1,4 +1,4 @@
-"""Issue 14: which recovery loss keeps the pruned model closest to the dense one?
+"""Which recovery loss keeps the pruned model closest to the dense one?
 
     python -m benchmarks.distill                          # SmolLM2-135M, 30% and 50%, ce / kd / ce+kd
     python -m benchmarks.distill --sparsities 0.3 --losses kd --self-distill 32
@@ -10,7 +10,7 @@ Each run is `tapc compress` itself (the quick-cpu recipe, exports off) with only
 greedy continuations of fixed prompts (plain text and one chat turn) from the dense
 model and every pruned one, side by side; and the drift on chat turns: the dense
 model's answers to tapc's 16 held-out instruction prompts, on which every model's
-KL to the dense model is measured (issue 14's self-distillation check). A finished run (its `report.json`) is
+KL to the dense model is measured (the self-distillation check). A finished run (its `report.json`) is
 skipped on a rerun, so an interrupted benchmark resumes; `OUT/results.{json,md}` are
 rebuilt at the end from every finished run in `--runs` (the runs' folders, models of
 0.5 GB each).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13: what a machine with one NVIDIA GPU checks in under 10 minutes (not part of CI).
+# What a machine with one NVIDIA GPU checks in under 10 minutes (not part of CI).
 #
 #   bash benchmarks/gpu_check.sh [OUT_JSON]        # default: gpu-check.json
 #

@@ -1,4 +1,4 @@
-"""Issue 13: is tapc's memory estimate within 25% of the measured peak?
+"""Is tapc's memory estimate within 25% of the measured peak?
 
     python -m benchmarks.memory                       # SmolLM2-135M, 1 x 256 and 4 x 256, ce and kd
     python -m benchmarks.memory --batches 1 --losses ce

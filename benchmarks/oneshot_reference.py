@@ -1,4 +1,4 @@
-"""Issue 11's reference check: tapc's SparseGPT and Wanda against llm-compressor's, same calibration windows.
+"""Reference check of the peers: tapc's SparseGPT and Wanda against llm-compressor's, same calibration windows.
 
 Two venvs, never one: llm-compressor is not a tapc dependency.
 

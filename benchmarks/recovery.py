@@ -1,22 +1,22 @@
-"""Issues 4 and 11: does TA recovery beat plain AdamW, and tapc beat the peers, at the same budget?
+"""Does TA recovery beat plain AdamW, and tapc beat the peers, at the same budget?
 
     python -m benchmarks.recovery                 # SmolLM2-135M on wikitext2-local
     python -m benchmarks.recovery --quick         # tiny model from a config, seconds
-    python -m benchmarks.recovery --full          # the whole matrix of issue 4
-    python -m benchmarks.recovery --peers --seed 1   # issue 11's rows only, another seed
+    python -m benchmarks.recovery --full          # the whole TA-against-AdamW matrix
+    python -m benchmarks.recovery --peers --seed 1   # the peers' rows only, another seed
     python -m benchmarks.recovery --peers --loss kd  # the same rows, every one trained by distillation
 
-The peers (issue 11) are SparseGPT and per-row Wanda as tapc implements them
+The peers are SparseGPT and per-row Wanda as tapc implements them
 (`compressor/oneshot.py`), one-shot on 32 calibration windows of 512 training tokens
 drawn by the seed, then fine-tuned for the same budget with the mask fixed; against
 them, tapc's dynamic job from dense and from the SparseGPT mask. A seed changes the
 batches and the calibration windows; a run with seed N > 0 is stored as `<id>-seedN`.
-Every trained row is trained on cross-entropy (`train.loss: ce`), issue 4's and 11's
-protocol, unless `--loss kd` (or `ce+kd`) trains every row by distillation from the
-dense model instead, the default recovery loss since issue 14 (ids end in `-kd`); such
-rows are compared by their drift from the dense model, KL(dense || pruned) on the
-validation windows, which also picks their learning rate. Every run records that drift
-on the validation and test tokens, whatever its loss.
+Every trained row is trained on cross-entropy (`train.loss: ce`), the protocol of the
+TA matrix and of the first peer comparison, unless `--loss kd` (or `ce+kd`) trains every
+row by distillation from the dense model instead, tapc's default recovery loss (ids end
+in `-kd`); such rows are compared by their drift from the dense model, KL(dense ||
+pruned) on the validation windows, which also picks their learning rate. Every run
+records that drift on the validation and test tokens, whatever its loss.
 
 Every trained method runs tapc's own code (`Pruner`, `TAAdamW` through
 `build_optimizer`, `train`, `perplexity`) from the `quick-cpu` recipe with a few
@@ -67,26 +67,26 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-loca
 
 @dataclass
 class Settings:
-    """The shared budget. Defaults: issue 4's budget (100 steps of 1 x 256 tokens, ~6 min a method here)."""
+    """The shared budget. Defaults: 100 steps of 1 x 256 tokens (~6 min a method on 2 CPU cores)."""
 
     steps: int = 100
     seq_len: int = 256
     batch_size: int = 1
     prune_every: int = 10  # mask updates every 10 steps until `final` (70%) of the run
     eval_len: int = 512
-    eval_windows: int = 40  # first N windows of `eval_len` test tokens (SPEC's 40 x 512)
+    eval_windows: int = 40  # first N windows of `eval_len` test tokens (docs/method.md's 40 x 512)
     val_windows: int = 16  # validation windows (of seq_len) that pick the learning rate
     probe_windows: int = 4  # the next validation windows: the loss around each mask update
     shock_window: int = 30  # steps the probe follows the recovery from a one-shot mask
     calib_windows: int = 32  # training windows whose activations wanda weighs by
     calib_len: int = 256  # tokens per calibration window, whatever the training seq_len
-    oneshot_len: int = 512  # tokens per calibration window of SparseGPT and per-row Wanda (issue 11)
+    oneshot_len: int = 512  # tokens per calibration window of SparseGPT and per-row Wanda
     lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4])
     ta_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep_all: bool = False  # True: every trained method gets the LR sweep (the full matrix)
-    peers: bool = False  # True: only issue 11's rows (the peers and tapc against them)
-    loss: str = "ce"  # train.loss of every trained row; kd / ce+kd distil from the dense model (issue 14)
+    peers: bool = False  # True: only the peers' rows (SparseGPT, per-row Wanda, and tapc against them)
+    loss: str = "ce"  # train.loss of every trained row; kd / ce+kd distil from the dense model
     seed: int = 0
     cost_steps: int = 8
     cost_repeats: int = 2
@@ -128,7 +128,7 @@ class Bench:
 
 # -- the plan (the methods themselves: recovery_methods.py) -------------------------------
 def peers(settings: Settings, sparsity: float, lr: float):
-    """Issue 11's rows at one sparsity, in the order they answer its question."""
+    """The peers' rows at one sparsity, in the order they answer whether tapc beats SparseGPT and Wanda."""
     ta = load_recipe("quick-cpu").ta.lr  # the default recipe's eta_TA
     yield peer(sparsity, "sparsegpt")
     yield peer(sparsity, "wanda")
@@ -331,7 +331,7 @@ def recipe_for(bench: Bench, method: Method) -> Recipe:
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": s.seq_len,
             "prune.prune_every": s.prune_every,
             **PINNED,
-            "train.loss": s.loss,  # ce: issues 4 and 11 compared optimizers on cross-entropy
+            "train.loss": s.loss,  # ce: the TA matrix and the first peers' rows compared optimizers on it
             **method.overrides}
     return load_recipe("quick-cpu", over)
 
@@ -394,7 +394,7 @@ def run_method(bench: Bench, method: Method, progress=print) -> dict:
     started = time.perf_counter()
     if method.kind == "oneshot":
         config = PruneConfig(sparsity=method.sparsity, saliency=method.saliency)
-        pruner = Pruner(config, total_steps=1).prepare(net)  # the global baselines of issue 4
+        pruner = Pruner(config, total_steps=1).prepare(net)  # the global one-shot baselines
         if method.saliency in NEEDS_ACTIVATIONS:
             pruner.calibrate(net, windows(bench.tokens["train"], s.calib_len)[: s.calib_windows])
         pruner.step(1)  # step 1 of 1 is the final step: the exact target, at once
@@ -480,7 +480,8 @@ def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.recovery", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model from a config, a few seconds (CI)")
-    p.add_argument("--full", action="store_true", help="issue 4's whole matrix: 100 steps, LR sweep for all")
+    p.add_argument("--full", action="store_true",
+                   help="the whole TA-against-AdamW matrix: 100 steps, LR sweep for all")
     p.add_argument("--model", help="checkpoint (default: SmolLM2-135M .gguf)")
     p.add_argument("--dataset", type=Path, default=DATA, help="directory with train/validation/test.txt")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery"))
@@ -492,7 +493,8 @@ def parse_args(argv=None):
     p.add_argument("--cost-steps", type=int, help="training steps per cost measurement run")
     p.add_argument("--cost-repeats", type=int, help="alternating runs per configuration")
     p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
-    p.add_argument("--peers", action="store_true", help="only issue 11's rows: the peers and tapc against them")
+    p.add_argument("--peers", action="store_true",
+                   help="only the peers' rows: SparseGPT, per-row Wanda and tapc against them")
     p.add_argument("--seed", type=int, help="batches and calibration windows (runs stored as <id>-seedN)")
     p.add_argument("--loss", choices=["ce", "kd", "ce+kd"],
                    help="train.loss of every trained row (default ce; others stored as <id>-kd, <id>-ce-kd)")
@@ -540,8 +542,8 @@ def main(argv=None) -> dict:
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     if settings.loss != "ce" and not settings.peers:
-        raise SystemExit(f"--loss {settings.loss} runs issue 11's rows only: add --peers (issue 4's matrix is "
-                         "on cross-entropy)")
+        raise SystemExit(f"--loss {settings.loss} runs the peers' rows only: add --peers (the TA-against-AdamW "
+                         "matrix is on cross-entropy)")
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = _load_runs(runs_dir, settings)

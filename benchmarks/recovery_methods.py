@@ -36,7 +36,7 @@ def lr_id(lr: float) -> str:
 
 
 def taylor(sparsity: float, lr: float, ta_lr: float | None = None, **ta) -> Method:
-    """Dynamic Taylor pruning (SPEC schedule, regrowth) with AdamW or with the TA term.
+    """Dynamic Taylor pruning (the schedule of docs/method.md, regrowth) with AdamW or with the TA term.
 
     Scores from the training loss's gradient, as every run did before `prune.score_loss: ce` became the default
     (the same under cross-entropy; under KD the CE-scored rows are `scored_by_ce`)."""

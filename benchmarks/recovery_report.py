@@ -274,7 +274,7 @@ def _loss(run: dict) -> str | None:
 
 
 def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str], dict]:
-    """Issue 11: every method run with the peers' settings, mean and standard deviation over seeds.
+    """The peers' rows: every method run with the peers' settings, mean and standard deviation over seeds.
 
     Two tables: the rows trained on cross-entropy (ranked by validation loss), and those
     trained by distillation (ranked by their drift from the dense model on the validation
@@ -293,7 +293,7 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
             continue
         if first["kind"] == "prune" and not re.fullmatch(r"s\d+-taylor-(cescore-((warmup|stability|score_steps)[\d.]+-)*)?(adamw|ta[\d.e-]+(-before_clip-True)?)-lr[\d.e-]+(-kd|-ce-kd)?",
                                                          base):
-            continue  # issue 4's variants (other TA settings) stay in their own tables
+            continue  # the TA matrix's variants (other TA settings) stay in their own tables
         label = first["label"]
         if base == default_ids[first["sparsity"]]:
             label = f"**{label}: quick-cpu's default**"
@@ -340,13 +340,13 @@ def peer_table(runs: dict[str, dict], sparsities: list[float]) -> tuple[list[str
 
 def write(out: Path, settings, runs: dict[str, dict]) -> dict:
     peer_lines, peer_rows = peer_table(runs, settings.sparsities)
-    # Issue 4's tables: seed 0, cross-entropy only (its recovery measures divide by the dense CE loss).
+    # The TA matrix's tables: seed 0, cross-entropy only (its recovery measures divide by the dense CE loss).
     runs = {k: r for k, r in runs.items() if _base_id(k) == k and _loss(r) in (None, "ce")}
     summary = summarize(runs, settings.sparsities)
     summary["peers"] = peer_rows
     model = next((r["model"] for r in runs.values() if "model" in r), None)
     dense = runs.get("dense", {}).get("perplexity", {})
-    md = ["# Recovery benchmark (issue 4)", "",
+    md = ["# Recovery benchmark", "",
           f"Model: `{model}`. Evaluation: {dense.get('protocol', '-')}, {dense.get('tokens', '-')} predicted "
           f"tokens of the test split. Training: {settings.steps} steps of {settings.batch_size} x {settings.seq_len} "
           f"tokens, seed {settings.seed}, linear LR decay, mask update every {settings.prune_every} steps.",
@@ -362,7 +362,7 @@ def write(out: Path, settings, runs: dict[str, dict]) -> dict:
           "(see the cost table).", "",
           "## Dense", "", *_table(summary, None), ""]
     if peer_rows:
-        md += ["## Against the peers (issue 11)", "",
+        md += ["## Against the peers (SparseGPT, per-row Wanda)", "",
                f"SparseGPT and per-row Wanda one-shot on {settings.calib_windows} windows of {settings.oneshot_len} "
                "training tokens drawn by the seed, then the same training budget with the mask fixed; tapc's "
                "dynamic job from dense and from the SparseGPT mask. A seed changes the batches and the calibration "

@@ -1,4 +1,4 @@
-"""Issue 13: one process vs two processes with ddp vs two with fsdp, SmolLM2-135M on CPU.
+"""One process vs two processes with ddp vs two with fsdp, SmolLM2-135M on CPU.
 
     python -m benchmarks.scale                  # 20 steps each, the same global batch of 2 x 256 tokens
     python -m benchmarks.scale --steps 12 --runs /tmp/scale

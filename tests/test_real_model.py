@@ -29,7 +29,7 @@ def test_real_gguf_compress_short_run(tmp_path):
     assert report["model"]["kind"] == "gguf" and len(report["model"]["sha256"]) == 64
     assert report["sparsity"]["prunable_params"] > 100_000_000  # 7 projections in each of 30 blocks
     assert abs(report["sparsity"]["prunable_zeros"] - 0.3 * report["sparsity"]["prunable_params"]) <= 1
-    # A pretrained model, not noise: SPEC.md measures 28.7 dense on 512-token windows (more on 128); a bound
+    # A pretrained model, not noise: docs/method.md measures 28.7 dense on 512-token windows (more on 128); a bound
     # 2x wide either way, where fp32 rounding on any CPU moves a mean over 2,048 tokens by < 1e-4 relative.
     assert 10 < report["perplexity"]["dense"]["ppl"] < 60
     pruned = report["perplexity"]["pruned"]  # drift from the dense model: 3 steps at 30% moved it
