@@ -1,4 +1,4 @@
-"""Perplexity against a hand computation of the SPEC.md protocol."""
+"""Perplexity against a hand computation of the protocol in docs/method.md (Perplexity protocol)."""
 
 from __future__ import annotations
 

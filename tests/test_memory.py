@@ -1,4 +1,4 @@
-"""The memory bill before loading (issue 13): counts from the config, the stop, --dry-run."""
+"""The memory bill before loading: counts from the config, the stop, --dry-run."""
 
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ Run on every export, collecting every mismatch before deciding:
   a model with logits of 160 rounds 5 times as coarsely as one with logits of 30).
   The bugs an export can have (a rotary permutation or base that is wrong, a cache
   position off by one, a wrong attention mask, a norm weight left out) move the logits
-  by a sizeable fraction of their scale, far beyond either term (tests/test_parity.py,
-  benchmarks/parity_mutations.py). The report keeps every figure it compared.
+  by a sizeable fraction of their scale, far beyond either term (seeded by
+  compressor.testing, measured by tests/test_parity.py and benchmarks/parity_mutations.py).
+  The report keeps every figure it compared.
 - `check_greedy`: greedy continuations of `PROMPTS` by both, token for token. Two
   models whose logits agree within the tolerance can still pick different tokens where
   two candidates tie; a divergence is only a failure when PyTorch preferred its token by
