@@ -3,7 +3,7 @@
 The public API; the `tapc` command is a thin layer over it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .compare import compare_runs  # noqa: E402
 from .errors import ExportError, JobError, TapcError, UsageError  # noqa: E402
