@@ -85,6 +85,7 @@ def _write_recipe(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a second process, started and killed: ~25 s each
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uninterrupted, tmp_path):
     whole, quick_recipe_file = uninterrupted
