@@ -39,6 +39,10 @@ def _kinds(value: str | None) -> list[str] | None:
     return _kind_list(value, ("int8", "int4"), "quantized kinds")
 
 
+def _units(value: str | None) -> list[str] | None:
+    return _kind_list(value, ("mlp", "heads"), "structured units")
+
+
 def _gguf_types(value: str | None) -> list[str] | None:
     from .recipe import GGUF_TYPES
 
@@ -171,6 +175,9 @@ def cli():
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training window (and evaluation window unless the recipe sets eval.seq_len).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), help="Evaluate only the first N test tokens.")
 @click.option("--pattern", help="Sparsity pattern: unstructured (default) or N:M such as 2:4.")
+@click.option("--structure", metavar="UNITS", callback=lambda c, p, v: _units(v),
+              help="Prune whole units: mlp (MLP channels), heads (query heads) or mlp,heads; the saved model "
+                   "and its exports are cut to the smaller widths (default: single weights).")
 @click.option("--onnx/--no-onnx", "onnx", default=None, help="Write OUT/onnx/ (default: the recipe's export.onnx, on).")
 @click.option("--quantize", metavar="KINDS", callback=lambda c, p, v: _kinds(v),
               help="Quantized ONNX copies: int8, int4, both (int8,int4) or none (default: the recipe's, both).")
@@ -195,7 +202,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run (unsafe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.pt) weights, which can run code.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, parallel, batch_size, steps, seq_len, eval_tokens, pattern, onnx, quantize, int4_layout, gguf, seed, device,
+def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, parallel, batch_size, steps, seq_len, eval_tokens, pattern, structure, onnx, quantize, int4_layout, gguf, seed, device,
              checkpoint_every, resume, max_ppl_increase, max_ppl, dry_run, as_json, overwrite, trust_remote_code,
              allow_pickle, debug):
     """Prune MODEL (Hub id, model directory or .gguf file) while fine-tuning it, then save it.
@@ -211,7 +218,8 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, pa
     overrides = {
         "prune.sparsity": sparsity, "data.dataset": dataset, "train.steps": steps,
         "data.seq_len": seq_len, "eval.max_tokens": eval_tokens, "seed": seed, "device": device,
-        "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "export.onnx": onnx,
+        "train.checkpoint_every": checkpoint_every, "prune.pattern": pattern, "prune.structure": structure,
+        "export.onnx": onnx,
         "export.quantize": quantize, "export.int4_layout": int4_layout, "export.gguf": gguf, "prune.method": method, "prune.start": start,
         "train.loss": loss, "train.parallel": parallel, "train.batch_size": batch_size,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint, sharding
+from . import __version__, checkpoint, sharding, structure
 from . import distributed as dist
 from .export import export_artifacts, export_error, export_lines
 from .data import load_texts, tokenize, windows
@@ -23,7 +23,7 @@ from .folder import check_output_dir, directory_bytes, save_model, staged_output
 from .export.gguf import gguf_architecture, source_metadata
 from .markdown import render_markdown
 from .memory import check_fits, peak_rss
-from .models import load_model, window_length
+from .models import load_model, prunable_weights, window_length
 from .plots import write_plots
 from .calibration import sample_windows
 from .pruner import build_pruner
@@ -130,7 +130,7 @@ def compress(model: str, recipe: Recipe | None = None, out: str | Path | None = 
     log.validation.insert(0, {"step": 0, "loss": dense_val_loss})
     training = {"peak_rss": peak_rss(), "pruned": [f"{name}.weight" for name in pruner.modules],
                 "parallel": "fsdp" if pruner.sharded else "ddp" if dist.world_size() > 1 else None}
-    net, teacher = _trained_model(net, pruner, teacher, lambda: _reload_dense(model, device, load, notify))
+    net, teacher = _trained_model(net, pruner, teacher, lambda: _reload_dense(model, device, load, notify), training)
     if not dist.is_main():
         dist.barrier()
         return Result(report={}, output=out)
@@ -189,6 +189,8 @@ def _load(model: str, recipe: Recipe, device, load: dict, notify):
     net = loaded.model.to(device)
     if recipe.export.gguf:
         gguf_architecture(net)  # an unsupported model for export.gguf fails now, not after training
+    if recipe.prune.structure:  # units the architecture cannot drop fail now, not after the dense evaluation
+        structure.find_groups(net, tuple(recipe.prune.structure), prunable_weights(net))
     seq_lens = _seq_lens(recipe, net)
     notify({"stage": "data", "dataset": recipe.data.dataset})
     data = _prepare_data(recipe, loaded.tokenizer, seq_lens[0])
@@ -229,9 +231,10 @@ def _dense_baseline(net, saved: dict | None, evaluate, val: torch.Tensor, recipe
     return dense, mean_loss(net, val, recipe.train.batch_size, device) if len(val) else dense.nll
 
 
-def _trained_model(net, pruner, teacher, reload_dense):
+def _trained_model(net, pruner, teacher, reload_dense, training: dict):
     """The trained model with its masks baked in (sharded: gathered whole on rank 0, beside a dense
-    teacher reloaded there) and the teacher. Non-finite weights stop every process."""
+    teacher reloaded there; structured: the masked units cut out, `training` told the sparsity they
+    made and what was cut) and the teacher. Non-finite weights stop every process."""
     finite = all(torch.isfinite(dist.local(p)).all() for p in net.parameters() if p.is_floating_point())
     if dist.any_rank(not finite):  # every process stops here, none waits for the others
         raise JobError("the trained model has non-finite weights and was not saved; lower optim.lr or ta.lr")
@@ -239,7 +242,13 @@ def _trained_model(net, pruner, teacher, reload_dense):
         pruner.scores.clear()
         teacher = reload_dense() if dist.is_main() else None  # the training teacher was sharded too
         return sharding.gather(net, lambda: copy.deepcopy(teacher)), teacher
+    masks = {name: mask.clone() for name, mask in pruner.masks.items()} if pruner.groups else None
     pruner.finalize()
+    if pruner.groups:  # the zeros counted against the dense shapes, then the smaller model
+        training["sparsity"] = sparsity_summary(model_tensors(net), training["pruned"])
+        smaller = structure.cut(net, pruner.groups, masks, pruner.modules)
+        training["structure"] = structure.summary(pruner.groups, masks, pruner.modules, net, smaller)
+        net = smaller
     return net, teacher
 
 
@@ -271,7 +280,8 @@ def _build_report(loaded, data: dict, recipe: Recipe, recipe_choice: str | None,
         "seq_len": seq_len,
         "perplexity": {"dense": dense.to_dict(), "pruned": pruned.to_dict(),
                        "increase": pruned.ppl / dense.ppl - 1.0},
-        "sparsity": sparsity_summary(model_tensors(net), training["pruned"]),
+        "sparsity": training.get("sparsity") or sparsity_summary(model_tensors(net), training["pruned"]),
+        **({"structure": training["structure"]} if "structure" in training else {}),
         "train": {"steps": steps, "tokens": log.tokens, "seconds": log.seconds, "state_bytes": log.state_bytes,
                   "peak_rss_after_training": training["peak_rss"],
                   "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -35,6 +35,7 @@ from .recipe import PruneConfig
 from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
 from .buffers import ScratchBuffers
+from .structure import find_groups, plan_removal, removed_units, unit_masks
 
 EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
 SAMPLE_SIZE = 1 << 20
@@ -181,6 +182,7 @@ class Pruner:
         self.workspace = ScratchBuffers()  # w * mask in forward and backward, the Taylor scores
         self.sparsity = 0.0  # the scheduled fraction the masks currently hold
         self.history: list[dict] = []
+        self.groups: list = []  # structured pruning: the units of every layer (structure.py)
 
     @property
     def sharded(self) -> bool:
@@ -199,6 +201,8 @@ class Pruner:
 
     def prepare(self, model: nn.Module) -> Pruner:
         self.modules, self.input_dims = self.check(model)
+        if self.config.structure:
+            self.groups = find_groups(model, tuple(self.config.structure), self.modules)
         for name, module in self.modules.items():
             mask = torch.ones_like(module.weight, dtype=torch.bool)
             parametrize.register_parametrization(module, "weight", Mask(mask))
@@ -346,6 +350,8 @@ class Pruner:
             return None
         names, sharded = list(self.modules), self.sharded
         old, weights = self.masks, self.weights
+        if self.groups:
+            return self._record(step, target, alpha, old, self._unit_masks(target, old, weights), sharded)
         scores = []
         for name in names:
             score = self.scores.get(name)
@@ -360,14 +366,33 @@ class Pruner:
         keys = selection_keys(scores, [self.input_dims[n] for n in names], k, self.pattern,
                               count=lambda n: _total([n], sharded)[0])
         new = global_masks(keys, k, seed=step, sharded=sharded)
-        changed = [0, 0]
-        for name, keep in zip(names, new):
+        return self._record(step, target, alpha, old, dict(zip(names, new)), sharded)
+
+    def _unit_masks(self, target: float, old: dict[str, torch.Tensor], weights) -> dict[str, torch.Tensor]:
+        """Structured: whole units masked, equal widths in every layer, within `target` (structure.py)."""
+        if self.sharded:
+            raise ValueError("structured pruning does not run sharded; use train.parallel: ddp")
+        scores = {name: (self.scores[name] if name in self.scores else self._score(name, weights[name])).float()
+                  for name in self.modules}
+        start = None if self.config.regrowth else removed_units(self.groups, old, self.modules)
+        removed = plan_removal(self.groups, scores, self.modules, round(target * self.num_prunable()), start)
+        return unit_masks(self.groups, scores, self.modules, removed, None if self.config.regrowth else old)
+
+    def _record(self, step: int, target: float, alpha: float, old: dict[str, torch.Tensor],
+                new: dict[str, torch.Tensor], sharded: bool) -> dict:
+        """Write the `new` masks over the `old` ones and log the update."""
+        changed = [0, 0, 0, 0]
+        for name, keep in new.items():
             changed[0] += int((old[name] & ~keep).sum())
             changed[1] += int((~old[name] & keep).sum())
+            changed[2] += int((~keep).sum())
+            changed[3] += keep.numel()
             old[name].copy_(keep)
-        pruned, regrown = _total(changed, sharded)
-        record = {"step": step, "target": target, "alpha": alpha, "masked": k, "pruned": pruned,
-                  "regrown": regrown, "sparsity": k / total}
+        pruned, regrown, masked, total = _total(changed, sharded)
+        record = {"step": step, "target": target, "alpha": alpha, "masked": masked, "pruned": pruned,
+                  "regrown": regrown, "sparsity": masked / total}
+        if self.groups:
+            record["units"] = removed_units(self.groups, old, self.modules)
         self.sparsity = target
         self.history.append(record)
         return record

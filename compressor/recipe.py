@@ -64,6 +64,9 @@ class PruneConfig(_Section):
     loss_window: int = Field(20, ge=2, description="steps of loss history for alpha")
     regrowth: bool = Field(True, description="masked weights may come back")
     pattern: str = Field("unstructured", description="unstructured, or N:M such as 2:4 (at most N of M inputs kept)")
+    structure: list[Literal["mlp", "heads"]] = Field(
+        default_factory=list, description="prune whole units instead of single weights: mlp (MLP channels), "
+        "heads (query heads), or both; the saved model is cut to the smaller widths")
 
     @model_validator(mode="after")
     def _schedule_is_possible(self) -> PruneConfig:
@@ -82,6 +85,9 @@ class PruneConfig(_Section):
         if oneshot != "dense" and pattern.structured and abs(self.sparsity - pattern.min_sparsity) > 1e-9:
             raise ValueError(f"{oneshot} with pattern {pattern} prunes exactly {pattern.min_sparsity:g} of the weights; "
                              f"use --sparsity {pattern.min_sparsity:g}")
+        if self.structure and (oneshot != "dense" or pattern.structured):
+            raise ValueError("structured pruning (prune.structure) runs with the dynamic method from a dense start and "
+                             "no N:M pattern; drop --method/--start-from/--pattern or --structure")
         if self.sparsity < pattern.min_sparsity:
             raise ValueError(
                 f"pattern {pattern} masks at least {pattern.min_sparsity:.0%} of the weights, more than "

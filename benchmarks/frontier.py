@@ -1,0 +1,179 @@
+"""Size, speed and quality of every artifact of several runs, on one table and one picture.
+
+    python -m benchmarks.frontier --run dense=out/dense --run s30=out/smollm2-s30 \\
+        --run struct30=out/smollm2-struct30 --results benchmarks/results/frontier.json
+
+Each `--run LABEL=DIR` is the output of `tapc compress` (or of `tapc export` with
+`--dataset` on the dense model, whose `export.json` holds the figures). For every
+artifact there (PyTorch safetensors, ONNX fp32 / int8 / int4, each GGUF file):
+
+- bytes on disk;
+- decode tokens/s (greedy, 128 new tokens after a 5-token prompt, batch 1, tapc's loop on
+  onnxruntime; PyTorch for the safetensors) and prefill tokens/s (one 512-token prompt),
+  medians of `--repeats` runs taken round-robin over all artifacts of all runs, so a busy
+  spell weighs on every artifact alike;
+- perplexity, KL to the dense model and top-1 agreement, as the run measured them
+  (`report.json`: the same protocol for every run, KL to the same dense model); where a run
+  has no KL (the dense model's own quantized files, exported by `tapc export`), it is
+  measured here against the first run's PyTorch model (the dense one) on the same windows.
+
+Writes JSON, prints a Markdown table, and draws KL against bytes and against decode
+speed with the Pareto front (no other artifact both smaller or faster and closer) marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.edge_export import NEW_TOKENS, PREFILL, PROMPT, prefill, round_robin  # noqa: E402
+from compressor import load_model  # noqa: E402
+from compressor.data import load_texts, tokenize  # noqa: E402
+from compressor.folder import directory_bytes, onnx_bytes  # noqa: E402
+from compressor.generation import OnnxDecoder, TorchDecoder, generate  # noqa: E402
+
+ONNX = ("onnx", "onnx-int8", "onnx-int4")
+
+
+def _quality(entry: dict | None) -> dict:
+    """PPL, KL to the dense model and top-1 agreement with it, of a report's perplexity dict or an export's entry."""
+    if not entry:
+        return {"ppl": None, "kl": None, "top1": None}
+    ppl = entry.get("perplexity", entry)
+    return {"ppl": ppl.get("ppl"), "kl": ppl.get("kl"), "top1": ppl.get("agreement")}  # top-1 agreement with dense
+
+
+def artifacts(label: str, out: Path) -> list[dict]:
+    """The artifacts of one run with their bytes and measured quality."""
+    if (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+        exported, torch_quality = report.get("export", {}), _quality(report["perplexity"]["pruned"])
+        sparsity = report["sparsity"]["prunable_sparsity"]
+    else:  # the dense model exported by `tapc export --dataset`: its drift from itself is none
+        exported = json.loads((out / "export.json").read_text())
+        torch_quality = {"ppl": exported["perplexity"]["ppl"], "kl": 0.0, "top1": 1.0}
+        sparsity = 0.0
+    model_dir = out / "model" if (out / "model").is_dir() else Path(exported["model"])
+    rows = [{"run": label, "artifact": "safetensors", "path": str(model_dir), "bytes": directory_bytes(model_dir),
+             "sparsity": sparsity, **torch_quality}]
+    for name in ONNX:
+        if (out / name / "model.onnx").is_file():
+            rows.append({"run": label, "artifact": name, "path": str(out / name), "sparsity": sparsity,
+                         "bytes": onnx_bytes(out / name / "model.onnx"),
+                         **(_quality(exported.get(name.removeprefix("onnx-"))) if name != "onnx" else torch_quality)})
+    for kind, entry in ({} if "error" in exported.get("gguf", {}) else exported.get("gguf", {})).items():
+        rows.append({"run": label, "artifact": f"gguf-{kind}", "path": str(out / entry["path"]), "sparsity": sparsity,
+                     "bytes": entry["bytes"], **_quality(entry)})
+    return rows
+
+
+def measure_missing_kl(rows: list[dict], test: torch.Tensor, seq_len: int, max_tokens: int) -> None:
+    """KL to the first run's PyTorch model (the dense one) for the ONNX artifacts that have none."""
+    from compressor.evaluate import perplexity
+
+    reference = load_model(rows[0]["path"]).model.eval()
+    for row in rows:
+        if row["kl"] is None and row["artifact"] in ONNX:
+            result = perplexity(OnnxDecoder(Path(row["path"]) / "model.onnx"), test, seq_len, max_tokens=max_tokens,
+                                reference=reference)
+            row.update(ppl=result.ppl, kl=result.kl, top1=result.agreement, kl_measured_here=True)
+
+
+def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int) -> None:
+    """Decode and prefill tokens/s of every PyTorch and ONNX artifact, round-robin."""
+    decoders = {}
+    for row in rows:
+        key = f"{row['run']}:{row['artifact']}"
+        if row["artifact"] == "safetensors":
+            decoders[key] = TorchDecoder(load_model(row["path"]).model)
+        elif row["artifact"] in ONNX:
+            decoders[key] = OnnxDecoder(Path(row["path"]) / "model.onnx")
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    long = test[None, :PREFILL]
+    decode = round_robin({k: (lambda d=d: generate(d, prompt, NEW_TOKENS).tokens_per_second)
+                          for k, d in decoders.items()}, repeats)
+    prefills = round_robin({k: (lambda d=d: prefill(d, long)) for k, d in decoders.items()}, repeats)
+    for row in rows:
+        key = f"{row['run']}:{row['artifact']}"
+        row["decode_tps"], row["prefill_tps"] = decode.get(key), prefills.get(key)
+
+
+def pareto(rows: list[dict], axis: str, better) -> list[dict]:
+    """Rows no other row beats on `axis` (by `better`) at an equal or lower KL."""
+    known = [r for r in rows if r.get("kl") is not None and r.get(axis) is not None]
+    return [r for r in known if not any(o is not r and o["kl"] <= r["kl"] and better(o[axis], r[axis])
+                                        and (o["kl"], o[axis]) != (r["kl"], r[axis]) for o in known)]
+
+
+def markdown(rows: list[dict]) -> str:
+    front = {id(r) for r in pareto(rows, "bytes", lambda a, b: a <= b)}
+    lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | front |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
+                     f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | {fmt(r['ppl'], '.2f')} | "
+                     f"{fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | {'size' if id(r) in front else ''} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, axis, label, better in ((axes[0], "bytes", "MB on disk", lambda a, b: a <= b),
+                                    (axes[1], "decode_tps", "decode tokens/s", lambda a, b: a >= b)):
+        known = [r for r in rows if r.get("kl") is not None and r.get(axis) is not None]
+        for r in known:
+            x = r[axis] / 1e6 if axis == "bytes" else r[axis]
+            ax.scatter(x, r["kl"], s=18)
+            ax.annotate(f"{r['run']} {r['artifact']}", (x, r["kl"]), fontsize=6)
+        front = sorted(pareto(known, axis, better), key=lambda r: r[axis])
+        ax.plot([r[axis] / 1e6 if axis == "bytes" else r[axis] for r in front], [r["kl"] for r in front],
+                "k--", linewidth=1, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("KL to the dense model (nats/token)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                        help="a run's output folder; the first is the dense model")
+    parser.add_argument("--dataset", default="../shared/data/wikitext2-local")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=512, help="evaluation windows (the runs' protocol)")
+    parser.add_argument("--eval-tokens", type=int, default=20480, help="first N test tokens (the runs' protocol)")
+    parser.add_argument("--results", default="benchmarks/results/frontier.json")
+    args = parser.parse_args()
+    rows = []
+    for spec in args.run:
+        label, _, folder = spec.partition("=")
+        rows += artifacts(label, Path(folder))
+    first = next(r for r in rows if r["artifact"] == "safetensors")
+    tokenizer = load_model(first["path"]).tokenizer
+    test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
+    measure_missing_kl(rows, test, args.seq_len, args.eval_tokens)
+    measure_speed(rows, test, tokenizer, args.repeats)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"rows": rows, "protocol": {"decode": f"greedy, {NEW_TOKENS} new tokens after "
+                                   f"{PROMPT!r}, batch 1", "prefill": f"{PREFILL} tokens", "repeats": args.repeats,
+                                   "threads": torch.get_num_threads()}}, indent=1) + "\n")
+    plot(rows, results.with_suffix(".png"))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
