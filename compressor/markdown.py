@@ -9,6 +9,7 @@ load), and the per-layer table last. Everything comes from `report.json` and
 
 from __future__ import annotations
 
+from .report import structure_line
 from .plots import layer_kind, model_name
 
 
@@ -265,7 +266,12 @@ def render_markdown(report: dict, log: dict | None = None, plots: dict[str, str]
                   f"{_LOSSES[recipe['train'].get('loss', 'ce')]}).", ""]
     sizes = report.get("size", {})
     size_text = f"{count(sp['nonzero_params'])} non-zero of {count(sp['total_params'])} parameters"
-    if "model_bytes" in sizes:
+    if report.get("structure"):
+        structure = report["structure"]
+        lines += [f"**Cut to a smaller model:** {structure_line(structure).split(maxsplit=1)[1]}.", ""]
+        if "model_bytes" in sizes:
+            size_text += f"; `model/` takes {size(sizes['model_bytes'])} on disk (the smaller matrices)"
+    elif "model_bytes" in sizes:
         size_text += f"; `model/` takes {size(sizes['model_bytes'])} on disk (dense layout: the zeros are stored)"
     tokens_per_s = train["tokens"] / train["seconds"] if train["seconds"] else 0.0
     dataset = report.get("dataset", {})

@@ -82,6 +82,7 @@ def format_table(report: dict) -> str:
         f"global sparsity   {sp['prunable_sparsity']:.4%} of {sp['prunable_params']:,} prunable weights "
         f"(target {report['recipe']['prune']['sparsity']:.2%}); {sp['total_sparsity']:.2%} of all "
         f"{sp['total_params']:,} parameters",
+        *([structure_line(report["structure"])] if report.get("structure") else []),
         f"perplexity        dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f} "
         f"({pruned['tokens']:,} tokens; {pruned['protocol']})",
         *([f"drift             KL(dense || pruned) {pruned['kl']:.4f} nats/token, top-1 agreement "
@@ -95,6 +96,15 @@ def format_table(report: dict) -> str:
     if files:
         lines.append(f"read              {', '.join([files['report'], *files['plots'].values()])} in the output")
     return "\n".join(lines)
+
+
+def structure_line(structure: dict) -> str:
+    """What a structured run cut out: the widths and the parameters before and after."""
+    names = {"mlp": "MLP channels", "heads": "query heads"}
+    widths = ", ".join(f"{names[kind]} {w['before']} -> {w['after']}" for kind, w in structure["widths"].items())
+    params = structure["parameters"]
+    return (f"cut               {widths} in every layer; {params['before']:,} -> {params['after']:,} parameters "
+            f"({params['after'] / params['before']:.1%})")
 
 
 def layer_table(sp: dict) -> list[str]:

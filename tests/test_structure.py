@@ -39,8 +39,12 @@ def test_a_structured_run_removes_exactly_the_counted_weights_and_saves_a_smalle
     folder = save_tiny(tmp_path / kind, kind, tokenizer, init_range=0.2)
     recipe = load_recipe(quick_recipe_file, {"data.dataset": str(data_dir), "prune.sparsity": 0.4,
                                              "prune.structure": units.split(",")})
-    report = compress(str(folder), recipe, tmp_path / "out").report
+    result = compress(str(folder), recipe, tmp_path / "out")
+    report = result.report
     structure, sparsity = report["structure"], report["sparsity"]
+    params = structure["parameters"]
+    assert f"{params['before']:,} -> {params['after']:,} parameters" in result.table  # the text output says it
+    assert "Cut to a smaller model" in (tmp_path / "out" / "report.md").read_text()
     dense_config = json.loads((folder / "config.json").read_text())
     from transformers import AutoConfig
 
