@@ -123,7 +123,7 @@ def write_gguf(model, tokenizer, model_dir: Path, path: Path, kind: str, *, base
     writer = gguf.GGUFWriter(partial, arch)
     try:
         if base is not None:
-            _copy_metadata(writer, base, arch, set(tensors))
+            _copy_metadata(writer, base, arch, set(tensors), _shapes(model.config, arch))
         else:
             _metadata(writer, model.config, arch)
             _vocabulary(writer, tokenizer, Path(model_dir), model.config.vocab_size)
@@ -204,8 +204,25 @@ def _interleave_rope(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _copy_metadata(writer, base: Path, arch: str, tensor_names: set[str]) -> None:
-    """Every key of `base` except the file type (set by the caller); its tensors must be ours by name."""
+def _shapes(config, arch: str) -> dict[str, int]:
+    """The widths llama.cpp reads, from the config: a structured run's cut model has smaller ones than
+    the GGUF it came from."""
+    if arch == "gpt2":
+        return {f"{arch}.feed_forward_length": config.n_inner or 4 * config.n_embd,
+                f"{arch}.attention.head_count": config.n_head}
+    shapes = {f"{arch}.feed_forward_length": config.intermediate_size,
+              f"{arch}.attention.head_count": config.num_attention_heads,
+              f"{arch}.attention.head_count_kv": config.num_key_value_heads}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim != config.hidden_size // config.num_attention_heads:  # else llama.cpp infers it
+        shapes.update({f"{arch}.attention.key_length": head_dim, f"{arch}.attention.value_length": head_dim})
+    return shapes
+
+
+def _copy_metadata(writer, base: Path, arch: str, tensor_names: set[str], shapes: dict[str, int]) -> None:
+    """Every key of `base` except the file type (set by the caller), with the model's own `shapes` where
+    they differ (in place, so an unchanged model's file is the same) or are missing; its tensors must be
+    ours by name."""
     import gguf
 
     reader = gguf.GGUFReader(base)
@@ -223,7 +240,10 @@ def _copy_metadata(writer, base: Path, arch: str, tensor_names: set[str]) -> Non
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer.add_key_value(field.name, shapes.get(field.name, field.contents()), vtype, sub_type=sub)
+    for name, value in shapes.items():
+        if name not in reader.fields:
+            writer.add_key_value(name, value, gguf.GGUFValueType.UINT32)
 
 
 def _metadata(writer, config, arch: str) -> None:
