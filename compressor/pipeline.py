@@ -306,7 +306,9 @@ def _write_outputs(stage: Path, net, tokenizer, recipe: Recipe, report: dict, lo
         **source_metadata(report["model"]),  # a .gguf source: its metadata and tokenizer go into OUT/gguf/
     }
     save_model(net, tokenizer, stage / "model", metadata)
-    report["export"] = export_artifacts(net, tokenizer, stage / "model", stage, recipe.export, pruned_names,
+    # A cut model has no zeros left: its sparse artifact would only add a bitmask to the same values.
+    exports = recipe.export.model_copy(update={"sparse": False}) if "structure" in report else recipe.export
+    report["export"] = export_artifacts(net, tokenizer, stage / "model", stage, exports, pruned_names,
                                         evaluation=evaluation, calibration=calibration, progress=notify)
     (stage / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     write_json(stage / "training_log.json", log.to_dict())

@@ -45,6 +45,7 @@ def test_a_structured_run_removes_exactly_the_counted_weights_and_saves_a_smalle
     params = structure["parameters"]
     assert f"{params['before']:,} -> {params['after']:,} parameters" in result.table  # the text output says it
     assert "Cut to a smaller model" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "sparse").exists()  # no zeros left to store sparsely
     dense_config = json.loads((folder / "config.json").read_text())
     from transformers import AutoConfig
 
