@@ -54,6 +54,8 @@ def artifacts(label: str, out: Path) -> list[dict]:
     if (out / "report.json").is_file():
         report = json.loads((out / "report.json").read_text())
         exported, torch_quality = report.get("export", {}), _quality(report["perplexity"]["pruned"])
+        if (out / "export.json").is_file():  # files written afterwards by `tapc export` on OUT/model
+            exported = {**exported, **json.loads((out / "export.json").read_text())}
         sparsity = report["sparsity"]["prunable_sparsity"]
     else:  # the dense model exported by `tapc export --dataset`: its drift from itself is none
         exported = json.loads((out / "export.json").read_text())
@@ -74,14 +76,15 @@ def artifacts(label: str, out: Path) -> list[dict]:
 
 
 def measure_missing_kl(rows: list[dict], test: torch.Tensor, seq_len: int, max_tokens: int) -> None:
-    """KL to the first run's PyTorch model (the dense one) for the ONNX artifacts that have none."""
+    """KL to the first run's PyTorch model (the dense one) for the ONNX and GGUF artifacts that have none."""
     from compressor.evaluate import perplexity
 
     reference = load_model(rows[0]["path"]).model.eval()
     for row in rows:
-        if row["kl"] is None and row["artifact"] in ONNX:
-            result = perplexity(OnnxDecoder(Path(row["path"]) / "model.onnx"), test, seq_len, max_tokens=max_tokens,
-                                reference=reference)
+        if row["kl"] is None and (row["artifact"] in ONNX or row["artifact"].startswith("gguf-")):
+            model = (OnnxDecoder(Path(row["path"]) / "model.onnx") if row["artifact"] in ONNX
+                     else load_model(row["path"]).model.eval())  # a GGUF read back (dequantized) by transformers
+            result = perplexity(model, test, seq_len, max_tokens=max_tokens, reference=reference)
             row.update(ppl=result.ppl, kl=result.kl, top1=result.agreement, kl_measured_here=True)
 
 
