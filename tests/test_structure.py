@@ -180,6 +180,13 @@ def test_the_cut_model_exports_to_onnx_and_gguf_and_generates_the_same_text(tmp_
     texts = [run_cli("generate", out / name, "--prompt", "The history of", "--max-new-tokens", 12, "--ignore-eos")
              for name in ("model", "onnx")]
     assert all(t.exit_code == 0 for t in texts) and texts[0].stdout == texts[1].stdout and texts[0].stdout.strip()
+    # `tapc eval --reference` of the cut model against the original dense one: the run's own drift figures
+    drift = run_cli("eval", out / "model", "--reference", folder, "--dataset", data_dir, "--seq-len", 32,
+                    "--eval-tokens", 600, "--json")
+    assert drift.exit_code == 0, drift.output
+    measured = json.loads(drift.stdout[drift.stdout.index("{"):])["perplexity"]
+    # the same fp32 computation as the run's evaluation, batched alike: equal up to summation order
+    assert measured["kl"] == pytest.approx(report["perplexity"]["pruned"]["kl"], rel=1e-4)
 
 
 def test_a_cut_model_from_a_gguf_writes_its_own_widths_into_the_copied_metadata(tmp_path, tokenizer, data_dir,
