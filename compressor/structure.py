@@ -108,15 +108,17 @@ def find_groups(model: nn.Module, units: tuple[str, ...], prunable: dict[str, nn
     return groups
 
 
+def _by_unit(tensor: torch.Tensor, member: Member, module: nn.Module, count: int) -> torch.Tensor:
+    """`tensor` (shaped like the member's weight) as (count, the values of one unit in this member)."""
+    view = as_rows(tensor, module)
+    if member.axis == 0:
+        return view.reshape(count, -1)
+    return view.reshape(view.shape[0], count, member.width).transpose(0, 1).reshape(count, -1)
+
+
 def unit_scores(group: Group, scores: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> torch.Tensor:
     """Each unit's score: the sum of its weights' scores, shaped (sets, per_set)."""
-    total = torch.zeros(group.count, dtype=torch.float64, device=next(iter(scores.values())).device)
-    for m in group.members:
-        view = as_rows(scores[m.module], modules[m.module]).double()
-        if m.axis == 0:
-            total += view.reshape(group.count, m.width, -1).sum((1, 2))
-        else:
-            total += view.reshape(view.shape[0], group.count, m.width).sum((0, 2))
+    total = sum(_by_unit(scores[m.module], m, modules[m.module], group.count).double().sum(1) for m in group.members)
     return total.view(group.sets, group.per_set)
 
 
@@ -175,9 +177,7 @@ def unit_masks(groups: list[Group], scores: dict[str, torch.Tensor], modules: di
 def unit_kept(group: Group, masks: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> torch.Tensor:
     """Which of the group's units have any weight unmasked (by its first member)."""
     m = group.members[0]
-    view = as_rows(masks[m.module], modules[m.module])
-    rows = view.reshape(group.count, m.width, -1) if m.axis == 0 else view.reshape(-1, group.count, m.width)
-    return rows.any(2).any(1) if m.axis == 0 else rows.any(2).any(0)
+    return _by_unit(masks[m.module], m, modules[m.module], group.count).any(1)
 
 
 def removed_units(groups: list[Group], masks: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict:
@@ -189,22 +189,13 @@ def removed_units(groups: list[Group], masks: dict[str, torch.Tensor], modules: 
     return out
 
 
-def widths(groups: list[Group], masks: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, list]:
-    """Units kept per layer, by kind (per key-value set for heads)."""
-    out: dict[str, list] = {}
-    for group in groups:
-        kept = unit_kept(group, masks, modules).view(group.sets, group.per_set).sum(1)
-        out.setdefault(group.kind, []).append(int(kept[0]) * group.sets if bool((kept == kept[0]).all()) else -1)
-    return out
-
-
 def summary(groups: list[Group], masks: dict[str, torch.Tensor], modules: dict[str, nn.Module], before: nn.Module,
             after: nn.Module) -> dict:
     """What the cut removed, for the report: widths per kind and parameters before and after."""
-    kept = widths(groups, masks, modules)
-    first = {kind: next(g for g in groups if g.kind == kind) for kind in dict.fromkeys(g.kind for g in groups)}
-    return {"units": list(first), "widths": {kind: {"before": first[kind].count, "after": kept[kind][0]}
-                                            for kind in first},
+    removed = removed_units(groups, masks, modules)  # the same in every layer and set: `cut` checks it
+    first = {kind: next(g for g in groups if g.kind == kind) for kind in removed}
+    return {"units": list(first), "widths": {kind: {"before": g.count, "after": g.count - removed[kind] * g.sets}
+                                            for kind, g in first.items()},
             "parameters": {"before": sum(p.numel() for p in set(before.parameters())),
                            "after": sum(p.numel() for p in set(after.parameters()))}}
 
