@@ -124,6 +124,7 @@ class Bench:
     dense_val_loss: float = 0.0
     oneshots: dict = field(default_factory=dict)  # (method, sparsity, pattern) -> (weights, masks, seconds)
     cache: Path | None = None  # one-shot results on disk, shared by the processes and reruns (OUT/cache)
+    tokenizer: object = None
 
 
 # -- the plan (the methods themselves: recovery_methods.py) -------------------------------
@@ -471,7 +472,8 @@ def load_bench(settings: Settings, model: str | None, dataset: Path, quick: bool
     if len(probe) < settings.probe_windows:  # little validation text: share windows rather than none
         probe = val[-settings.probe_windows :]
     calibration = sample_windows(windows(tokens["train"], settings.oneshot_len), settings.calib_windows, settings.seed)
-    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len), val, probe, calibration, settings, label)
+    bench = Bench(net, tokens, windows(tokens["train"], settings.seq_len), val, probe, calibration, settings, label,
+                  tokenizer=tokenizer)
     bench.dense_val_loss = validation_loss(bench, net)
     return bench
 

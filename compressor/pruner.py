@@ -35,7 +35,7 @@ from .recipe import PruneConfig
 from .saliency import NEEDS_ACTIVATIONS, NEEDS_GRADIENT, get_criterion
 from .schedule import get_schedule, stability
 from .buffers import ScratchBuffers
-from .structure import find_groups, plan_removal, removed_units, unit_masks
+from .structure import find_groups, plan_removal, removed_units, unit_masks, unit_scores
 
 EXACT_SELECT_LIMIT = 1 << 24  # below this many scores a plain kthvalue is fast enough
 SAMPLE_SIZE = 1 << 20
@@ -374,9 +374,10 @@ class Pruner:
             raise ValueError("structured pruning does not run sharded; use train.parallel: ddp")
         scores = {name: (self.scores[name] if name in self.scores else self._score(name, weights[name])).float()
                   for name in self.modules}
+        units = [unit_scores(group, scores, self.modules) for group in self.groups]
         start = None if self.config.regrowth else removed_units(self.groups, old, self.modules)
-        removed = plan_removal(self.groups, scores, self.modules, round(target * self.num_prunable()), start)
-        return unit_masks(self.groups, scores, self.modules, removed, None if self.config.regrowth else old)
+        removed = plan_removal(self.groups, units, self.modules, round(target * self.num_prunable()), start)
+        return unit_masks(self.groups, units, self.modules, removed, None if self.config.regrowth else old)
 
     def _record(self, step: int, target: float, alpha: float, old: dict[str, torch.Tensor],
                 new: dict[str, torch.Tensor], sharded: bool) -> dict:

@@ -122,19 +122,21 @@ def unit_scores(group: Group, scores: dict[str, torch.Tensor], modules: dict[str
     return total.view(group.sets, group.per_set)
 
 
-def plan_removal(groups: list[Group], scores: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+def plan_removal(groups: list[Group], units: list[torch.Tensor], modules: dict[str, nn.Module],
                  budget: int, start: dict[str, int] | None = None) -> dict[str, int]:
-    """Units to remove per set in every layer, by kind: slices taken cheapest first (the sum of their
-    units' scores per weight) while the removed weights stay within `budget`, from `start` (the units
-    already removed, when masked units may not come back). A slice is `ALIGN` units of a kind whose
-    width divides by it, so the cut widths stay multiples of it; one slice of every kind stays."""
+    """Units to remove per set in every layer, by kind, from each group's unit scores `units` (shaped
+    (sets, per_set), as `unit_scores` gives; any importance will do): slices taken cheapest first (the
+    sum of their units' scores per weight) while the removed weights stay within `budget`, from `start`
+    (the units already removed, when masked units may not come back). A slice is `ALIGN` units of a kind
+    whose width divides by it, so the cut widths stay multiples of it; one slice of every kind stays."""
     shapes = {name: tuple(as_rows(module.weight, module).shape) for name, module in modules.items()}
     kinds = {}
     for kind in dict.fromkeys(g.kind for g in groups):
         mine = [g for g in groups if g.kind == kind]
         step = ALIGN if mine[0].per_set % ALIGN == 0 and mine[0].per_set > ALIGN else 1
         # each layer's (and set's) units from the lowest score up, summed over layers and sets, a slice at a time
-        ordered = torch.stack([unit_scores(g, scores, modules).sort(dim=1).values for g in mine]).sum((0, 1))
+        ordered = torch.stack([u.double().sort(dim=1).values for g, u in zip(groups, units) if g.kind == kind])
+        ordered = ordered.sum((0, 1))
         costs = ordered.view(-1, step).sum(1).tolist()
         size = step * sum(g.sets * g.weights_per_unit(shapes) for g in mine)  # weights in one slice
         kinds[kind] = (costs, size, step)
@@ -150,16 +152,17 @@ def plan_removal(groups: list[Group], scores: dict[str, torch.Tensor], modules: 
         spent += kinds[kind][1]
 
 
-def unit_masks(groups: list[Group], scores: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+def unit_masks(groups: list[Group], units: list[torch.Tensor], modules: dict[str, nn.Module],
                removed: dict[str, int], old: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks of the prunable weights with the `removed[kind]` lowest-scored units of every set
-    masked (ties: the lower index goes). `old` without regrowth: masked units stay masked."""
+    """Boolean keep-masks of the prunable weights with the `removed[kind]` lowest-scored of each group's
+    `units` masked in every set (ties: the lower index goes). `old` without regrowth: masked units stay
+    masked."""
     masks = {name: torch.ones_like(module.weight, dtype=torch.bool) for name, module in modules.items()}
-    for group in groups:
+    for group, score in zip(groups, units):
         n = removed.get(group.kind, 0)
         if not n:
             continue
-        score = unit_scores(group, scores, modules)
+        score = score.double()
         if old is not None:
             score = score.masked_fill(~unit_kept(group, old, modules).view_as(score), -math.inf)
         order = score.argsort(dim=1, stable=True)[:, :n]

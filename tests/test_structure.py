@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor import compress, load_recipe
+from compressor import compress, load_recipe, structure
 from compressor.models import prunable_weights
 from compressor.pruner import Pruner
 from compressor.recipe import PruneConfig
-from compressor.structure import cut, find_groups, plan_removal, unit_masks
+from compressor.structure import cut, find_groups, unit_masks, unit_scores
 
 from .conftest import build_model, run_cli, save_tiny
 
@@ -80,7 +80,8 @@ def test_the_cut_model_computes_what_the_masked_model_computes(kind, units):
     scores = {name: torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
               for i, (name, m) in enumerate(modules.items())}
     removed = {"mlp": 50, "heads": 1}
-    masks = unit_masks(groups, scores, modules, {k: v for k, v in removed.items() if k in units})
+    units_ = [unit_scores(g, scores, modules) for g in groups]
+    masks = unit_masks(groups, units_, modules, {k: v for k, v in removed.items() if k in units})
     ids = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for name, module in modules.items():
@@ -101,6 +102,10 @@ def test_slices_go_cheapest_first_within_the_budget_and_keep_one_unit():
     # is 32 channels x 2 layers x 3 x 64 = 12288 weights (the 128 channels divide by 32).
     mlp_cost = 2.0  # per weight, against 1 for the heads
     scores = {name: torch.full_like(m.weight, mlp_cost if "mlp" in name else 1.0) for name, m in modules.items()}
+
+    def plan_removal(groups, scores, modules, budget):
+        return structure.plan_removal(groups, [unit_scores(g, scores, modules) for g in groups], modules, budget)
+
     assert plan_removal(groups, scores, modules, 8191) == {"mlp": 0, "heads": 0}
     assert plan_removal(groups, scores, modules, 12288) == {"mlp": 0, "heads": 1}  # the cheaper first
     assert plan_removal(groups, scores, modules, 12288 + 8192) == {"mlp": 32, "heads": 1}
