@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 import torch.nn.functional as F
 
 from compressor import structure
@@ -210,8 +211,8 @@ def drop_layers(net, drop: set[int]):
 
 
 # -- one run ----------------------------------------------------------------------------------
-def recipe(settings: Settings, sparsity: float, method: str):
-    over = {"seed": settings.seed, "device": "cpu", "train.steps": settings.steps, "train.batch_size": 1,
+def recipe(settings: Settings, sparsity: float, method: str, prune: dict | None = None):
+    over = {**{f"prune.{k}": v for k, v in (prune or {}).items()},"seed": settings.seed, "device": "cpu", "train.steps": settings.steps, "train.batch_size": 1,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": settings.seq_len,
             "prune.sparsity": sparsity, "prune.structure": ["mlp", "heads"] if method == "tapc" else []}
     return load_recipe("quick-cpu", over)
@@ -254,11 +255,13 @@ def chat_kl(net, dense, conversations) -> float:
     return total / max(count, 1)
 
 
-def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None = None, progress=print) -> dict:
+def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None = None, prune: dict | None = None,
+        progress=print) -> dict:
+    """One method at one sparsity: choose, train, cut, evaluate. `prune`: tapc's recipe fields changed."""
     s, dense = bench.settings, bench.model
     torch.manual_seed(s.seed)
     net, started = copy.deepcopy(dense), time.perf_counter()
-    r = recipe(s, sparsity, method)
+    r = recipe(s, sparsity, method, prune)
     pruner = None
     if method == "tapc":
         pruner = build_pruner(net, r.prune, s.steps, bench.calibration)
@@ -295,7 +298,9 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
     config = net.config
     projections = sum(m.weight.numel() for m in prunable_weights(net).values())
     dense_projections = sum(m.weight.numel() for m in prunable_weights(dense).values())
-    return {"id": run_id(method, sparsity, s.seed), "method": method, "label": LABELS[method], "sparsity": sparsity,
+    return {"id": run_id(method, sparsity, s.seed, prune), "method": method + variant(prune),
+            "label": LABELS[method] + "".join(f", prune.{k} {v}" for k, v in (prune or {}).items()),
+            "sparsity": sparsity,
             "seed": s.seed, "steps": s.steps, "tokens": s.steps * s.seq_len, "model": bench.model_label,
             "removed": 1 - projections / dense_projections,
             "parameters": sum(p.numel() for p in net.parameters()),
@@ -305,16 +310,20 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
             "select_seconds": selected, "train_seconds": log.seconds}
 
 
-def run_id(method: str, sparsity: float, seed: int) -> str:
-    return f"{method}-{round(sparsity * 100)}-seed{seed}"
+def variant(prune: dict | None) -> str:
+    return "".join(f"-{k}{v}" for k, v in (prune or {}).items())
+
+
+def run_id(method: str, sparsity: float, seed: int, prune: dict | None = None) -> str:
+    return f"{method}{variant(prune)}-{round(sparsity * 100)}-seed{seed}"
 
 
 # -- the table --------------------------------------------------------------------------------
 def table(runs: list[dict]) -> tuple[str, list[dict]]:
     rows = []
     for sparsity in sorted({r["sparsity"] for r in runs}):
-        dense_ppl = None
-        for method in METHODS:
+        names = sorted({r["method"] for r in runs}, key=lambda m: (METHODS.index(m.split("-")[0]), m))
+        for method in names:
             mine = [r for r in runs if r["method"] == method and r["sparsity"] == sparsity]
             if not mine:
                 continue
@@ -323,10 +332,9 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
                 values = [r[key] for r in mine]
                 return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
-            rows.append({"sparsity": sparsity, "method": method, "label": LABELS[method], "seeds": len(mine),
+            rows.append({"sparsity": sparsity, "method": method, "label": mine[0]["label"], "seeds": len(mine),
                          "removed": stat("removed")[0], "parameters": mine[0]["parameters"],
-                         "shape": mine[0]["shape"], **{k: stat(k) for k in ("ppl", "kl", "top1", "chat_kl")},
-                         "dense_ppl": dense_ppl})
+                         "shape": mine[0]["shape"], **{k: stat(k) for k in ("ppl", "kl", "top1", "chat_kl")}})
     lines = ["| sparsity | method | seeds | removed | parameters | shape (layers, MLP, heads) | PPL | KL | top-1 | "
              "chat KL |", "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
@@ -361,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=120, help="training steps of 1 x 256 tokens (quick-cpu: 120)")
+    p.add_argument("--prune", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a prune field of tapc's recipe changed, e.g. final=0.35 (a variant: its own rows)")
     p.add_argument("--torch-pruning", help="a folder with torch-pruning installed: check the Taylor scores with it")
     p.add_argument("--quick", action="store_true", help="tiny Llama from a config, a few steps: seconds")
     p.add_argument("--out", default=str(OUT))
@@ -385,12 +395,15 @@ def main(argv=None) -> str:
                            max_tokens=settings.eval_windows * settings.eval_len, batch_size=4)
         (out / "dense.json").write_text(json.dumps({"ppl": dense.ppl, "parameters": sum(
             p.numel() for p in bench.model.parameters())}) + "\n")
+    prune = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.prune)}
+    if prune and args.methods != "tapc":
+        raise SystemExit("--prune changes tapc's recipe: use it with --methods tapc")
     for sparsity in [float(x) for x in args.sparsity.split(",")]:
         for method in args.methods.split(","):
-            path = out / "runs" / f"{run_id(method, sparsity, settings.seed)}.json"
+            path = out / "runs" / f"{run_id(method, sparsity, settings.seed, prune)}.json"
             if path.is_file():
                 continue
-            result = run(bench, method, sparsity, conversations, args.torch_pruning)
+            result = run(bench, method, sparsity, conversations, args.torch_pruning, prune)
             print(f"{result['id']}: PPL {result['ppl']:.2f} KL {result['kl']:.4f} top-1 {result['top1']:.3f} "
                   f"chat KL {result['chat_kl']:.4f}", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
