@@ -351,13 +351,35 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """tapc against each peer at every sparsity where both have seeds: the difference of the mean KL
+    (and chat KL) against twice the larger seed deviation of the two."""
+    lines = []
+    for tapc in (r for r in rows if r["method"] == "tapc" and r["seeds"] > 1):
+        for peer in (r for r in rows if r["sparsity"] == tapc["sparsity"] and r["method"] in METHODS[1:]
+                     and r["seeds"] > 1):
+            said = []
+            for key in ("kl", "chat_kl"):
+                diff, spread = tapc[key][0] - peer[key][0], 2 * max(tapc[key][1], peer[key][1])
+                verdict = "lower" if diff < -spread else "higher" if diff > spread else "within 2 seed SDs"
+                said.append(f"{key.replace('_', ' ')} {diff:+.3f} (2 SDs {spread:.3f}): {verdict}")
+            lines.append(f"- {tapc['sparsity']:.0%}, tapc against {peer['method']}: " + "; ".join(said))
+    return lines
+
+
 def write_report(out: Path, dense: dict | None) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     text, rows = table(runs)
+    text = "\n".join([text, "", *verdicts(rows)]).rstrip()
     if dense:
         text = f"Dense: PPL {dense['ppl']:.2f} on the same tokens.\n\n" + text
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"dense": dense, "rows": rows, "runs": runs}, indent=1) + "\n")
+    return text
+
+
+def print_(text: str) -> str:
+    print(text)
     return text
 
 
@@ -386,8 +408,8 @@ def main(argv=None) -> str:
         settings = Settings(steps=4, seq_len=32, eval_len=64, eval_windows=4, val_windows=2, probe_windows=2,
                             calib_windows=4, oneshot_len=32, seed=args.seed, loss="kd")
     if args.report_only:
-        return write_report(out, json.loads((out / "dense.json").read_text()) if (out / "dense.json").is_file()
-                            else None)
+        return print_(write_report(out, json.loads((out / "dense.json").read_text()) if (out / "dense.json").is_file()
+                            else None))
     bench = load_bench(settings, args.model, Path(args.dataset), args.quick)
     conversations = chat_answers(bench, out)
     if not (out / "dense.json").is_file():
@@ -409,9 +431,7 @@ def main(argv=None) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".tmp").write_text(json.dumps(result, indent=1) + "\n")
             os.replace(path.with_suffix(".tmp"), path)  # whole or absent
-    text = write_report(out, json.loads((out / "dense.json").read_text()))
-    print(text)
-    return text
+    return print_(write_report(out, json.loads((out / "dense.json").read_text())))
 
 
 if __name__ == "__main__":
