@@ -1,0 +1,78 @@
+"""The structured peers' benchmark: its unit choices and layer removal, on tiny models from configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import structured_peers as peers
+from compressor.calibration import decoder_layers
+from compressor.models import prunable_weights
+
+from .conftest import SHARED_DATA, build_model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_dropping_a_layer_computes_what_skipping_it_computes(kind):
+    model = build_model(kind, 97, init_range=0.2).double()
+    ids = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
+    smaller = peers.drop_layers(model, {0}).double()
+    skip = decoder_layers(model)[0].register_forward_hook(
+        lambda m, args, kwargs, out: (args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        skipped = model(input_ids=ids).logits
+        skip.remove()
+        whole = model(input_ids=ids).logits
+        logits = smaller(input_ids=ids).logits
+    assert smaller.config.num_hidden_layers == 1
+    assert not torch.allclose(whole, skipped)  # the layer did something
+    # float64, the same operations on the same values: equal to rounding
+    torch.testing.assert_close(logits, skipped, rtol=0, atol=1e-10)
+
+
+def test_an_mlp_channel_that_never_fires_is_the_first_minitron_removes():
+    model = build_model("llama", 97, init_range=0.2)
+    for layer in decoder_layers(model):
+        layer.mlp.gate_proj.weight.data[5] = 0  # silu(0) * up = 0: channel 5 never reaches down_proj
+    calibration = torch.randint(97, (3, 16), generator=torch.Generator().manual_seed(0))
+    units = peers.minitron_units(model, calibration)
+    modules, groups = peers._groups(model)
+    for group, score in zip(groups, units):
+        if group.kind == "mlp":
+            assert score.flatten()[5] == 0 and (score.flatten()[torch.arange(128) != 5] > 0).all()
+    smaller = peers._cut_by(model, units, 0.3)
+    removed = 1 - sum(m.weight.numel() for m in prunable_weights(smaller).values()) / sum(
+        m.weight.numel() for m in modules.values())
+    # tapc's plan: within the budget, short of it by less than one slice (an MLP slice: 32 channels of 3 x 64
+    # weights in 2 layers, 9.4% of the 131,072 projection weights)
+    assert 0.3 - 0.094 < removed <= 0.3
+    assert smaller.config.intermediate_size % 32 == 0
+
+
+def test_taylor_scores_sum_weight_times_gradient_over_each_unit():
+    model = build_model("llama", 97, init_range=0.2)
+    calibration = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(0))
+    units = peers.taylor_units(model, calibration)
+    for window in calibration:
+        model(input_ids=window[None], labels=window[None]).loss.backward()
+    mlp = decoder_layers(model)[0].mlp
+    expected = sum((w.weight * w.weight.grad).abs().sum(dim) for w, dim in
+                   ((mlp.gate_proj, 1), (mlp.up_proj, 1), (mlp.down_proj, 0)))
+    # the same gradients; float32 sums of at most 192 positive terms against a float64 sum: <= 192 x 6e-8
+    torch.testing.assert_close(units[0].flatten().float(), expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_every_method_and_resumes(tmp_path, capsys):
+    args = ["--quick", "--dataset", str(SHARED_DATA), "--out", str(tmp_path), "--sparsity", "0.5"]
+    peers.main(args)
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
+    assert set(runs) == {f"{m}-50-seed0" for m in peers.METHODS}
+    assert runs["shortgpt-50-seed0"]["shape"]["layers"] == 1
+    assert all(0.3 < r["removed"] <= 0.5 and r["kl"] > 0 and r["chat_kl"] > 0 for r in runs.values())
+    capsys.readouterr()
+    peers.main(args)  # every run is on disk: nothing runs again
+    assert "seed0:" not in capsys.readouterr().out
+    assert "| 50% | tapc | 1 |" in (tmp_path / "results.md").read_text()
