@@ -134,6 +134,16 @@ def _check_torch_pruning(net, groups, units, calibration, tp_dir: str) -> None:
             raise SystemExit(f"torch-pruning's Taylor importance differs from ours in layer {group.layer}")
 
 
+def _forward_each(net, calibration: torch.Tensor, hooks: list) -> None:
+    """Every calibration window through `net` on its own, then the `hooks` removed."""
+    try:
+        for window in calibration:
+            net(input_ids=window[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def minitron_units(net, calibration: torch.Tensor, kinds=("mlp", "heads")) -> list[torch.Tensor]:
     """Per group of `kinds`, each unit's activation: |input of down_proj| per channel, ||attention output||
@@ -156,12 +166,7 @@ def minitron_units(net, calibration: torch.Tensor, kinds=("mlp", "heads")) -> li
     for group in groups:
         down = next(m for m in group.members if m.axis == 1).module  # down_proj / o_proj: a unit's input columns
         handles.append(modules[down].register_forward_pre_hook(hook(down, group)))
-    try:
-        for window in calibration:
-            net(input_ids=window[None])
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_each(net, calibration, handles)
     return [torch.cat(inputs[next(m for m in g.members if m.axis == 1).module]).norm(dim=0).view(g.sets, g.per_set)
             for g in groups]
 
@@ -180,12 +185,7 @@ def block_influence(net, calibration: torch.Tensor) -> list[float]:
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for window in calibration:
-            net(input_ids=window[None])
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_each(net, calibration, handles)
     return [1 - total / len(calibration) for total in sums]
 
 
