@@ -212,8 +212,9 @@ def drop_layers(net, drop: set[int]):
 
 # -- one run ----------------------------------------------------------------------------------
 def recipe(settings: Settings, sparsity: float, method: str, prune: dict | None = None):
-    over = {**{f"prune.{k}": v for k, v in (prune or {}).items()},"seed": settings.seed, "device": "cpu", "train.steps": settings.steps, "train.batch_size": 1,
+    over = {"seed": settings.seed, "device": "cpu", "train.steps": settings.steps, "train.batch_size": 1,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": settings.seq_len,
+            **{f"prune.{k}": v for k, v in (prune or {}).items()},
             "prune.sparsity": sparsity, "prune.structure": ["mlp", "heads"] if method == "tapc" else []}
     return load_recipe("quick-cpu", over)
 
@@ -301,7 +302,7 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
     return {"id": run_id(method, sparsity, s.seed, prune), "method": method + variant(prune),
             "label": LABELS[method] + "".join(f", prune.{k} {v}" for k, v in (prune or {}).items()),
             "sparsity": sparsity,
-            "seed": s.seed, "steps": s.steps, "tokens": s.steps * s.seq_len, "model": bench.model_label,
+            "seed": s.seed, "steps": s.steps, "tokens": s.steps * s.seq_len, "model": Path(bench.model_label).name,
             "removed": 1 - projections / dense_projections,
             "parameters": sum(p.numel() for p in net.parameters()),
             "shape": {"layers": config.num_hidden_layers, "intermediate_size": config.intermediate_size,
