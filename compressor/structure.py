@@ -132,13 +132,13 @@ def plan_removal(groups: list[Group], units: list[torch.Tensor], modules: dict[s
     shapes = {name: tuple(as_rows(module.weight, module).shape) for name, module in modules.items()}
     kinds = {}
     for kind in dict.fromkeys(g.kind for g in groups):
-        mine = [g for g in groups if g.kind == kind]
-        step = ALIGN if mine[0].per_set % ALIGN == 0 and mine[0].per_set > ALIGN else 1
+        mine = [(g, u) for g, u in zip(groups, units) if g.kind == kind]
+        per_set = mine[0][0].per_set
+        step = ALIGN if per_set % ALIGN == 0 and per_set > ALIGN else 1
         # each layer's (and set's) units from the lowest score up, summed over layers and sets, a slice at a time
-        ordered = torch.stack([u.double().sort(dim=1).values for g, u in zip(groups, units) if g.kind == kind])
-        ordered = ordered.sum((0, 1))
+        ordered = torch.stack([u.double().sort(dim=1).values for _, u in mine]).sum((0, 1))
         costs = ordered.view(-1, step).sum(1).tolist()
-        size = step * sum(g.sets * g.weights_per_unit(shapes) for g in mine)  # weights in one slice
+        size = step * sum(g.sets * g.weights_per_unit(shapes) for g, _ in mine)  # weights in one slice
         kinds[kind] = (costs, size, step)
     removed = {kind: (start or {}).get(kind, 0) // kinds[kind][2] for kind in kinds}  # in slices
     spent = sum(kinds[kind][1] * n for kind, n in removed.items())
