@@ -80,6 +80,7 @@ PROMPTS = [
     "What should I pack for a day at the beach?", "Explain recursion in one paragraph.",
 ]
 ANSWER_TOKENS = 48
+STEPS = 120  # quick-cpu's budget
 
 
 # -- choosing units ---------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
     config = net.config
     projections = sum(m.weight.numel() for m in prunable_weights(net).values())
     dense_projections = sum(m.weight.numel() for m in prunable_weights(dense).values())
-    return {"id": run_id(method, sparsity, s.seed, prune), "method": method + variant(prune),
+    return {"id": run_id(method, sparsity, s.seed, prune, s.steps), "method": method + variant(prune),
             "label": LABELS[method] + "".join(f", prune.{k} {v}" for k, v in (prune or {}).items()),
             "sparsity": sparsity,
             "seed": s.seed, "steps": s.steps, "tokens": s.steps * s.seq_len, "model": Path(bench.model_label).name,
@@ -315,17 +316,18 @@ def variant(prune: dict | None) -> str:
     return "".join(f"-{k}{v}" for k, v in (prune or {}).items())
 
 
-def run_id(method: str, sparsity: float, seed: int, prune: dict | None = None) -> str:
-    return f"{method}{variant(prune)}-{round(sparsity * 100)}-seed{seed}"
+def run_id(method: str, sparsity: float, seed: int, prune: dict | None = None, steps: int = STEPS) -> str:
+    budget = "" if steps == STEPS else f"-{steps}steps"
+    return f"{method}{variant(prune)}-{round(sparsity * 100)}{budget}-seed{seed}"
 
 
 # -- the table --------------------------------------------------------------------------------
 def table(runs: list[dict]) -> tuple[str, list[dict]]:
     rows = []
-    for sparsity in sorted({r["sparsity"] for r in runs}):
+    for sparsity, steps in sorted({(r["sparsity"], r["steps"]) for r in runs}):
         names = sorted({r["method"] for r in runs}, key=lambda m: (METHODS.index(m.split("-")[0]), m))
         for method in names:
-            mine = [r for r in runs if r["method"] == method and r["sparsity"] == sparsity]
+            mine = [r for r in runs if r["method"] == method and (r["sparsity"], r["steps"]) == (sparsity, steps)]
             if not mine:
                 continue
 
@@ -333,11 +335,12 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
                 values = [r[key] for r in mine]
                 return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
-            rows.append({"sparsity": sparsity, "method": method, "label": mine[0]["label"], "seeds": len(mine),
+            rows.append({"sparsity": sparsity, "steps": steps, "method": method, "label": mine[0]["label"],
+                         "seeds": len(mine),
                          "removed": stat("removed")[0], "parameters": mine[0]["parameters"],
                          "shape": mine[0]["shape"], **{k: stat(k) for k in ("ppl", "kl", "top1", "chat_kl")}})
-    lines = ["| sparsity | method | seeds | removed | parameters | shape (layers, MLP, heads) | PPL | KL | top-1 | "
-             "chat KL |", "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| sparsity | steps | method | seeds | removed | parameters | shape (layers, MLP, heads) | PPL | KL | "
+             "top-1 | chat KL |", "| ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
     def cell(value, digits):
         mean, sd = value
@@ -345,8 +348,8 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
 
     for row in rows:
         shape = row["shape"]
-        lines.append(f"| {row['sparsity']:.0%} | {row['method']} | {row['seeds']} | {row['removed']:.1%} | "
-                     f"{row['parameters'] / 1e6:.1f}M | {shape['layers']}, {shape['intermediate_size']}, "
+        lines.append(f"| {row['sparsity']:.0%} | {row['steps']} | {row['method']} | {row['seeds']} | "
+                     f"{row['removed']:.1%} | {row['parameters'] / 1e6:.1f}M | {shape['layers']}, {shape['intermediate_size']}, "
                      f"{shape['heads']} | {cell(row['ppl'], 2)} | {cell(row['kl'], 3)} | "
                      f"{cell(row['top1'], 3)} | {cell(row['chat_kl'], 3)} |")
     return "\n".join(lines), rows
@@ -357,14 +360,15 @@ def verdicts(rows: list[dict]) -> list[str]:
     (and chat KL) against twice the larger seed deviation of the two."""
     lines = []
     for tapc in (r for r in rows if r["method"] == "tapc" and r["seeds"] > 1):
-        for peer in (r for r in rows if r["sparsity"] == tapc["sparsity"] and r["method"] in METHODS[1:]
-                     and r["seeds"] > 1):
+        for peer in (r for r in rows if (r["sparsity"], r["steps"]) == (tapc["sparsity"], tapc["steps"])
+                     and r["method"] in METHODS[1:] and r["seeds"] > 1):
             said = []
             for key in ("kl", "chat_kl"):
                 diff, spread = tapc[key][0] - peer[key][0], 2 * max(tapc[key][1], peer[key][1])
                 verdict = "lower" if diff < -spread else "higher" if diff > spread else "within 2 seed SDs"
                 said.append(f"{key.replace('_', ' ')} {diff:+.3f} (2 SDs {spread:.3f}): {verdict}")
-            lines.append(f"- {tapc['sparsity']:.0%}, tapc against {peer['method']}: " + "; ".join(said))
+            lines.append(f"- {tapc['sparsity']:.0%}, {tapc['steps']} steps, tapc against {peer['method']}: "
+                         + "; ".join(said))
     return lines
 
 
@@ -391,7 +395,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", default="0.2", help="comma list, e.g. 0.1,0.2,0.3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--steps", type=int, default=120, help="training steps of 1 x 256 tokens (quick-cpu: 120)")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"training steps of 1 x 256 tokens (quick-cpu: {STEPS}; "
+                   "another budget gets its own runs and rows)")
     p.add_argument("--prune", action="append", default=[], metavar="FIELD=VALUE",
                    help="a prune field of tapc's recipe changed, e.g. final=0.35 (a variant: its own rows)")
     p.add_argument("--torch-pruning", help="a folder with torch-pruning installed: check the Taylor scores with it")
@@ -423,7 +428,7 @@ def main(argv=None) -> str:
         raise SystemExit("--prune changes tapc's recipe: use it with --methods tapc")
     for sparsity in [float(x) for x in args.sparsity.split(",")]:
         for method in args.methods.split(","):
-            path = out / "runs" / f"{run_id(method, sparsity, settings.seed, prune)}.json"
+            path = out / "runs" / f"{run_id(method, sparsity, settings.seed, prune, settings.steps)}.json"
             if path.is_file():
                 continue
             result = run(bench, method, sparsity, conversations, args.torch_pruning, prune)

@@ -69,10 +69,10 @@ def test_quick_benchmark_runs_every_method_and_resumes(tmp_path, capsys):
     args = ["--quick", "--dataset", str(SHARED_DATA), "--out", str(tmp_path), "--sparsity", "0.5"]
     peers.main(args)
     runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
-    assert set(runs) == {f"{m}-50-seed0" for m in peers.METHODS}
-    assert runs["shortgpt-50-seed0"]["shape"]["layers"] == 1
+    assert set(runs) == {f"{m}-50-4steps-seed0" for m in peers.METHODS}  # 4 steps, not 120: the id says so
+    assert runs["shortgpt-50-4steps-seed0"]["shape"]["layers"] == 1
     assert all(0.3 < r["removed"] <= 0.5 and r["kl"] > 0 and r["chat_kl"] > 0 for r in runs.values())
     capsys.readouterr()
     peers.main(args)  # every run is on disk: nothing runs again
     assert "seed0:" not in capsys.readouterr().out
-    assert "| 50% | tapc | 1 |" in (tmp_path / "results.md").read_text()
+    assert "| 50% | 4 | tapc | 1 |" in (tmp_path / "results.md").read_text()
