@@ -76,3 +76,41 @@ def test_quick_benchmark_runs_every_method_and_resumes(tmp_path, capsys):
     peers.main(args)  # every run is on disk: nothing runs again
     assert "seed0:" not in capsys.readouterr().out
     assert "| 50% | 4 | tapc | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_unit_criteria_aggregate_the_same_window_gradients_their_own_way():
+    from benchmarks import structured_criteria as criteria
+
+    model = build_model("llama", 97, init_range=0.2)
+    windows = torch.randint(97, (3, 16), generator=torch.Generator().manual_seed(0))
+    scores = criteria.gradient_criteria(model, windows, "ce")
+    modules, groups = peers._groups(model)
+    signed = []  # per window, the first group's (layer 0 MLP) signed sum of w * g over each unit
+    for window in windows:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=window[None]).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, window[1:]).backward()  # the same operations: the same gradients
+        wg = {n: (m.weight * m.weight.grad).detach().double() for n, m in modules.items()}
+        signed.append(peers.structure.unit_scores(groups[0], wg, modules))
+    signed = torch.stack(signed)
+    # the same float32 products summed in float64 either way: only the order of the sums differs (~1e-16)
+    torch.testing.assert_close(scores["group-fisher"][0], signed.square().sum(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(scores["group-first-order"][0], signed.abs().sum(0), rtol=1e-5, atol=0)
+    # LLM-Pruner's element-wise Taylor: the taylor peer's scores. There the gradients of 3 windows add up in
+    # float32 (a few ulp of sum |g|, ~1e-7 of the unit's sum|wg| score, which is the scale allowed for below)
+    taylor = peers.taylor_units(model, windows)
+    torch.testing.assert_close(scores["|sum g|"][0], taylor[0].double(), rtol=1e-4,
+                               atol=1e-5 * float(scores["sum|wg|"][0].max()))
+    assert not torch.allclose(scores["sum|wg|"][0], scores["|sum g|"][0])  # abs before or after the sum differ
+
+
+@pytest.mark.slow
+def test_quick_criteria_benchmark_writes_a_row_per_criterion(tmp_path):
+    from benchmarks import structured_criteria as criteria
+
+    criteria.main(["--quick", "--dataset", str(SHARED_DATA), "--chat", str(tmp_path), "--sparsity", "0.3",
+                   "--results", str(tmp_path / "criteria.json")])
+    rows = json.loads((tmp_path / "criteria.json").read_text())["rows"]
+    assert [r["criterion"] for r in rows] == [f"{c} ({labels})" for labels in ("ce", "sampled")
+                                              for c in criteria.GRADIENT] + ["minitron"]
+    assert all(r["kl"] > 0 and r["chat_kl"] > 0 for r in rows)
