@@ -90,7 +90,8 @@ def table(rows: list[dict], sparsity: float) -> str:
              "| criterion | MLP width | heads | PPL | KL | top-1 | chat KL |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['criterion']} | {r['shape']['intermediate_size']} | {r['shape']['heads']} | "
+        name = r["criterion"].replace("|", "\\|")  # a bar inside a Markdown cell is escaped
+        lines.append(f"| {name} | {r['shape']['intermediate_size']} | {r['shape']['heads']} | "
                      f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {r['chat_kl']:.3f} |")
     return "\n".join(lines)
 
