@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from compressor import structure
-from compressor.evaluate import perplexity
 
 from . import structured_peers as peers
 from .recovery import DATA, Settings, load_bench
@@ -76,12 +75,8 @@ def gradient_criteria(net, windows: torch.Tensor, labels: str, seed: int = 0) ->
 
 
 def evaluate(bench, name: str, net, conversations) -> dict:
-    s, dense = bench.settings, bench.model
-    ppl = perplexity(net.eval(), bench.tokens["test"], s.eval_len, max_tokens=s.eval_windows * s.eval_len,
-                     batch_size=4, reference=dense)
     config = net.config
-    return {"criterion": name, "ppl": ppl.ppl, "kl": ppl.kl, "top1": ppl.agreement,
-            "chat_kl": peers.chat_kl(net, dense, conversations),
+    return {"criterion": name, **peers.quality(bench, net, conversations),
             "shape": {"intermediate_size": config.intermediate_size, "heads": config.num_attention_heads}}
 
 

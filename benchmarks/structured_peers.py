@@ -257,6 +257,14 @@ def chat_kl(net, dense, conversations) -> float:
     return total / max(count, 1)
 
 
+def quality(bench, net, conversations) -> dict:
+    """PPL, KL(dense || net) and top-1 agreement on the test windows, and the chat KL."""
+    s = bench.settings
+    ppl = perplexity(net.eval(), bench.tokens["test"], s.eval_len, max_tokens=s.eval_windows * s.eval_len,
+                     batch_size=4, reference=bench.model)
+    return {"ppl": ppl.ppl, "kl": ppl.kl, "top1": ppl.agreement, "chat_kl": chat_kl(net, bench.model, conversations)}
+
+
 def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None = None, prune: dict | None = None,
         progress=print) -> dict:
     """One method at one sparsity: choose, train, cut, evaluate. `prune`: tapc's recipe fields changed."""
@@ -295,8 +303,6 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
         pruner.finalize()
         net = structure.cut(net, groups, masks, modules)
     net.eval()
-    ppl = perplexity(net, bench.tokens["test"], s.eval_len, max_tokens=s.eval_windows * s.eval_len, batch_size=4,
-                     reference=dense)
     config = net.config
     projections = sum(m.weight.numel() for m in prunable_weights(net).values())
     dense_projections = sum(m.weight.numel() for m in prunable_weights(dense).values())
@@ -308,7 +314,7 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
             "parameters": sum(p.numel() for p in net.parameters()),
             "shape": {"layers": config.num_hidden_layers, "intermediate_size": config.intermediate_size,
                       "heads": config.num_attention_heads},
-            "ppl": ppl.ppl, "kl": ppl.kl, "top1": ppl.agreement, "chat_kl": chat_kl(net, dense, conversations),
+            **quality(bench, net, conversations),
             "select_seconds": selected, "train_seconds": log.seconds}
 
 
@@ -349,8 +355,8 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
     for row in rows:
         shape = row["shape"]
         lines.append(f"| {row['sparsity']:.0%} | {row['steps']} | {row['method']} | {row['seeds']} | "
-                     f"{row['removed']:.1%} | {row['parameters'] / 1e6:.1f}M | {shape['layers']}, {shape['intermediate_size']}, "
-                     f"{shape['heads']} | {cell(row['ppl'], 2)} | {cell(row['kl'], 3)} | "
+                     f"{row['removed']:.1%} | {row['parameters'] / 1e6:.1f}M | {shape['layers']}, "
+                     f"{shape['intermediate_size']}, {shape['heads']} | {cell(row['ppl'], 2)} | {cell(row['kl'], 3)} | "
                      f"{cell(row['top1'], 3)} | {cell(row['chat_kl'], 3)} |")
     return "\n".join(lines), rows
 
