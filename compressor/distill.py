@@ -50,22 +50,36 @@ def uses_teacher(config: TrainConfig) -> bool:
     return config.loss != "ce"
 
 
-def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig, *, also_ce: bool = False):
+def recovery_loss(model, teacher, ids: torch.Tensor, config: TrainConfig, *, score: str | None = None,
+                  generator: torch.Generator | None = None):
     """The loss one micro-batch is trained on, as `train.loss` says.
 
-    `also_ce`: the pair (that loss, the cross-entropy of the same forward pass), for Taylor
-    scores from the CE gradient (`prune.score_loss: ce`) without a second forward."""
-    out = model(input_ids=ids, labels=None if config.loss == "kd" and not also_ce else ids)
-    if not uses_teacher(config):
-        return (out.loss, out.loss) if also_ce else out.loss
+    `score` (`prune.score_loss`: `ce` or `sampled`): the pair (that loss, the loss Taylor scores take
+    their gradient from) of the same forward pass, so the scores need no second forward."""
+    labels = ids if config.loss != "kd" or score == "ce" else None
+    out = model(input_ids=ids, labels=labels)
+    term = out.loss
+    if uses_teacher(config):
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits
+            if hasattr(teacher, "reshard"):  # FSDP2: never running backward, it would keep its outer group whole
+                teacher.reshard()
+        term = kd_loss(out.logits, target, config.kd_temperature)
+        if config.loss != "kd":
+            term = (1.0 - config.kd_weight) * out.loss + config.kd_weight * term
+    if score is None:
+        return term
+    return term, out.loss if score == "ce" else sampled_ce(out.logits, generator)
+
+
+def sampled_ce(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of tokens drawn from the model's own prediction (detached): the labels
+    of the true Fisher. Its gradient has mean zero; its size says how much a weight moves the model's
+    output distribution, whatever the text's next token was."""
+    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     with torch.no_grad():
-        target = teacher(input_ids=ids).logits
-        if hasattr(teacher, "reshard"):  # FSDP2: never running backward, it would keep its outer group whole
-            teacher.reshard()
-    term = kd_loss(out.logits, target, config.kd_temperature)
-    if config.loss != "kd":
-        term = (1.0 - config.kd_weight) * out.loss + config.kd_weight * term
-    return (term, out.loss) if also_ce else term
+        target = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return F.cross_entropy(logits, target)
 
 
 def dense_loss(config: TrainConfig, dense_ce: float) -> float:

@@ -47,11 +47,12 @@ class PruneConfig(_Section):
     saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or global-wanda (|w|*||x||, "
                                                 "ranked over the whole model, unlike the Wanda paper)")
     score_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="running average of scores")
-    score_loss: Literal["train", "ce"] = Field(
+    score_loss: Literal["train", "ce", "sampled"] = Field(
         "ce", description="the loss whose gradient taylor scores use: next-token cross-entropy on the step's batch, "
-        "or the training loss (the same under train.loss ce; with kd, ce costs one more backward a "
-        "step until the mask is fixed, and train scores the student's mismatch with its teacher, not a weight's "
-        "importance)")
+        "sampled (the same with next tokens drawn from the model's own prediction: how much a weight moves its "
+        "output, not how well it fits the text) or the training loss (ce's under train.loss ce; with kd, ce and "
+        "sampled cost one more backward a step until the mask is fixed, and train scores the student's mismatch "
+        "with its teacher, not a weight's importance)")
     score_steps: int = Field(0, ge=0, description="score only on the last N steps before each mask update "
                              "(0: every step); steps that only score (kd before the first mask) always do")
     schedule: str = Field("dynamic", description="dynamic (thesis eq. 4.6) or cubic")

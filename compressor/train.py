@@ -155,7 +155,7 @@ class Trainer:
         self.sharded = any(dist.is_sharded(p) for p in self.params)  # FSDP2: it reduces the gradients itself
         self.autocast = recipe.train.mixed_precision == "bf16"
         self.score_before_first_mask = True  # see Scoring.SCORE_ONLY; a dry run times full steps instead
-        self.ce = recipe.train.model_copy(update={"loss": "ce"})  # the loss scores may take their gradient from
+        self.ce = recipe.train.model_copy(update={"loss": "ce"})  # a pass that only scores trains nothing
 
     # -- one step ------------------------------------------------------------------------
     def scoring_plan(self, step: int) -> Scoring:
@@ -164,8 +164,9 @@ class Trainer:
         if (self.score_before_first_mask and recipe.train.loss == "kd" and pruner is not None and not pruner.fixed
                 and not pruner.history):
             return Scoring.SCORE_ONLY
-        # Taylor scores from a cross-entropy gradient of their own (`prune.score_loss: ce`) this step?
-        if not (recipe.prune.score_loss == "ce" and recipe.train.loss != "ce" and pruner is not None
+        # Taylor scores from a gradient of their own (`prune.score_loss` ce under kd, or sampled) this step?
+        kind = recipe.prune.score_loss
+        if not (kind != "train" and not (kind == "ce" and recipe.train.loss == "ce") and pruner is not None
                 and pruner.scoring(step)):
             return Scoring.TRAINING
         # One forward pass serves both gradients where its graph can be kept for a second backward: no
@@ -176,15 +177,19 @@ class Trainer:
     def _forward_backward(self, step: int, plan: Scoring, scores_pass: bool = False) -> float:
         """The step's gradient in .grad under `plan`; returns its loss.
 
-        The training pass takes the training loss's gradient, except under SCORE_ONLY (the CE one,
-        for the scores alone). Under SHARED_PASS the CE gradient of the same forward pass goes to the
-        scores first, then the training loss's replaces it (one more backward, no forward). The
-        `scores_pass` of OWN_PASS is a CE forward and backward of its own that reads the step's batch
-        a second time (its tokens are not counted again). A gradient that only feeds the scores is
-        taken for the pruned weights alone (not the embeddings: on a tied LM head, a vocabulary-sized
-        product per token); the CE backward of SHARED_PASS always is."""
+        The training pass takes the training loss's gradient, except under SCORE_ONLY (the score
+        loss's, for the scores alone). The score loss is `prune.score_loss`'s: ce, or sampled; `train`
+        scores with ce where the training loss cannot (SCORE_ONLY). Under SHARED_PASS the score loss's
+        gradient of the same forward pass goes to the scores first, then the training loss's replaces
+        it (one more backward, no forward). The `scores_pass` of OWN_PASS is a forward and backward of
+        its own that reads the step's batch a second time (its tokens are not counted again). A
+        gradient that only feeds the scores is taken for the pruned weights alone (not the embeddings:
+        on a tied LM head, a vocabulary-sized product per token); the score backward of SHARED_PASS
+        always is."""
         only_scores = scores_pass or plan is Scoring.SCORE_ONLY
         shared = plan is Scoring.SHARED_PASS and not scores_pass
+        kind = "sampled" if self.recipe.prune.score_loss == "sampled" else "ce"
+        generator = self.score_generator(step) if kind == "sampled" and (only_scores or shared) else None
         cfg, world, rank = self.ce if only_scores else self.recipe.train, dist.world_size(), dist.rank()
         # FSDP2 reduces each parameter's gradient in hooks of its own: left to them.
         scored = list(self.pruner.weights.values()) if self.pruner and not self.sharded else None
@@ -197,11 +202,15 @@ class Trainer:
             parts = ids.split(self.micro)
             for part in parts:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    micro_loss = recovery_loss(self.model, self.teacher, part, cfg, also_ce=shared)
+                    if only_scores:
+                        micro_loss = recovery_loss(self.model, None, part, cfg, score=kind, generator=generator)[1]
+                    else:
+                        micro_loss = recovery_loss(self.model, self.teacher, part, cfg, score=kind if shared else None,
+                                                   generator=generator)
                 if shared:
-                    micro_loss, ce = micro_loss
-                    ce.backward(inputs=scored, retain_graph=True)
-                    self._average(ce.item())
+                    micro_loss, scoring = micro_loss
+                    scoring.backward(inputs=scored, retain_graph=True)
+                    self._average(scoring.item())
                     self._score(step)
                 share = cfg.grad_accum * len(parts)
                 (micro_loss / share).backward(inputs=scored if only_scores else None)
@@ -210,8 +219,14 @@ class Trainer:
                 self.log.tokens += batch.numel()
         return self._average(loss)
 
+    def score_generator(self, step: int) -> torch.Generator:
+        """The draws of step `step`'s sampled labels (`prune.score_loss: sampled`): a function of the seed,
+        the step and the process, so a resumed run draws the same tokens."""
+        seed = (self.recipe.seed * 1_000_003 + step) * 1009 + dist.rank()
+        return torch.Generator(self.device).manual_seed(seed)
+
     def _score(self, step: int) -> None:
-        """Fold the gradient in .grad (the CE one) into the Taylor scores and clear it for the training gradient."""
+        """Fold the gradient in .grad (the score loss's) into the Taylor scores and clear it for the training gradient."""
         self.pruner.observe(step)
         self.optimizer.zero_grad(set_to_none=True)
 

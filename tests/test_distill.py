@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from compressor import compress, load_recipe
 from compressor.distill import (chat_stream, dense_loss, instruction_prompts, kd_loss, mix_windows, recovery_loss,
-                                teacher_copy)
+                                sampled_ce, teacher_copy)
 from compressor.errors import UsageError
 from compressor.models import load_model
 from compressor.recipe import TrainConfig
@@ -157,11 +157,11 @@ def test_kd_from_the_dense_model_scores_with_cross_entropy_until_the_first_mask(
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(grad_accum):
-    """`prune.score_loss: ce` with kd: after the first mask, the Taylor scores come from the CE gradient on the
-    step's batch while the weights move exactly as with scores from the KD loss: one more backward of the same
-    forward, or with micro-batches (grad_accum 2) a forward and backward of their own.
-    `ce` is the default: the second recipe leaves it out."""
+def test_scores_from_their_own_loss_under_kd_leave_the_training_step_as_it_was(grad_accum):
+    """`prune.score_loss: ce` (or `sampled`) with kd: after the first mask, the Taylor scores come from the CE
+    gradient on the step's batch (of tokens drawn from the model's prediction): one more backward of the same
+    forward, or with micro-batches (grad_accum 2) a forward and backward of their own. Under ce the weights move
+    exactly as with scores from the KD loss. `ce` is the default: its recipe leaves it out."""
     from compressor.pruner import Pruner
     from compressor.recipe import Recipe
     from compressor.saliency import get_criterion
@@ -169,10 +169,10 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
 
     windows = torch.randint(97, (16, 16), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for score_loss in ("train", "ce"):
+    for score_loss in ("train", "ce", "sampled"):
         recipe = Recipe.model_validate({
             "prune": {"sparsity": 0.5, "prune_every": 2, "warmup": 0.0, "tau": 0.2, "final": 0.8,
-                      **({"score_loss": "train"} if score_loss == "train" else {})},
+                      **({"score_loss": score_loss} if score_loss != "ce" else {})},
             "optim": {"lr": 1e-3}, "ta": {"lr": 1e-2}, "train": {"steps": 10, "batch_size": 2, "eval_every": 0,
                                                                   "loss": "kd", "grad_accum": grad_accum},
         })
@@ -186,11 +186,12 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
         shared_or_own = [Scoring.SHARED_PASS, Scoring.OWN_PASS][grad_accum - 1]
         expected = Scoring.TRAINING if score_loss == "train" else shared_or_own
         assert trainer.scoring_plan(trainer.step + 1) is expected
-        # This step's CE gradient, on a copy, for the score it should fold in.
-        probe = copy.deepcopy(model)
+        # This step's score gradient, on a copy, for the score it should fold in.
+        probe, draws = copy.deepcopy(model), trainer.score_generator(trainer.step + 1)
         for micro in range(grad_accum):
             ids = trainer.batches(trainer.step * grad_accum + micro)
-            (probe(input_ids=ids, labels=ids).loss / grad_accum).backward()
+            own = sampled_ce(probe(input_ids=ids).logits, draws) if score_loss == "sampled" else None
+            (probe(input_ids=ids, labels=ids).loss if own is None else own).div(grad_accum).backward()
         old = {n: s.clone() for n, s in pruner.scores.items()}
         embedding_grads = []  # the scoring backward is taken for the pruned weights alone
         hook = model.get_input_embeddings().weight.register_hook(embedding_grads.append)
@@ -199,17 +200,21 @@ def test_scores_from_cross_entropy_under_kd_leave_the_training_step_as_it_was(gr
         assert len(embedding_grads) == grad_accum  # the training backward's, one per micro-batch
         runs[score_loss] = ({n: p.detach().clone() for n, p in model.named_parameters()},
                             {n: s.clone() for n, s in pruner.scores.items()}, old, probe, trainer.log.tokens)
-    (w_train, s_train, _, _, tokens_train), (w_ce, s_ce, old, probe, tokens_ce) = runs["train"], runs["ce"]
-    assert all(torch.equal(w_train[n], w_ce[n]) for n in w_train)  # the training step itself is unchanged
-    assert tokens_ce == tokens_train  # the scoring pass does not count as training tokens
-    assert any(not torch.equal(s_train[n], s_ce[n]) for n in s_ce)
+    w_train, s_train, _, _, tokens_train = runs["train"]
     criterion, beta = get_criterion("taylor"), 0.9
-    grads = dict(probe.named_parameters())
-    for name, score in s_ce.items():
-        param = name + ".parametrizations.weight.original"
-        w, g = grads[param].detach(), grads[param].grad
-        # The same CE gradient both ways; lerp_ and this formula differ by ulps: measured <= 0.0015 of the tolerance.
-        torch.testing.assert_close(score, old[name] * beta + criterion(w, g) * (1 - beta), rtol=1e-4, atol=1e-8)
+    for score_loss in ("ce", "sampled"):
+        weights, scores, old, probe, tokens = runs[score_loss]
+        if score_loss == "ce":  # sampled scores chose another first mask: their weights differ from here on
+            assert all(torch.equal(w_train[n], weights[n]) for n in w_train)  # the training step itself is unchanged
+        assert tokens == tokens_train  # the scoring pass does not count as training tokens
+        assert any(not torch.equal(s_train[n], scores[n]) for n in scores)
+        grads = dict(probe.named_parameters())
+        for name, score in scores.items():
+            param = name + ".parametrizations.weight.original"
+            w, g = grads[param].detach(), grads[param].grad
+            # The same gradient both ways; lerp_ and this formula differ by ulps: measured <= 0.0015 of the tolerance.
+            torch.testing.assert_close(score, old[name] * beta + criterion(w, g) * (1 - beta), rtol=1e-4, atol=1e-8)
+    assert any(not torch.equal(runs["ce"][1][n], runs["sampled"][1][n]) for n in runs["ce"][1])
 
 
 def test_score_steps_score_only_before_each_mask_update_and_on_every_step_that_only_scores():
