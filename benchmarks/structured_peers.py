@@ -215,8 +215,8 @@ def drop_layers(net, drop: set[int]):
 def recipe(settings: Settings, sparsity: float, method: str, prune: dict | None = None):
     over = {"seed": settings.seed, "device": "cpu", "train.steps": settings.steps, "train.batch_size": 1,
             "train.eval_every": 0, "train.val_batches": 1, "data.seq_len": settings.seq_len,
-            **{f"prune.{k}": v for k, v in (prune or {}).items()},
-            "prune.sparsity": sparsity, "prune.structure": ["mlp", "heads"] if method == "tapc" else []}
+            "prune.sparsity": sparsity, "prune.structure": ["mlp", "heads"] if method == "tapc" else [],
+            **{f"prune.{k}": v for k, v in (prune or {}).items()}}
     return load_recipe("quick-cpu", over)
 
 
@@ -319,7 +319,7 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
 
 
 def variant(prune: dict | None) -> str:
-    return "".join(f"-{k}{v}" for k, v in (prune or {}).items())
+    return "".join(f"-{k}{'+'.join(v) if isinstance(v, list) else v}" for k, v in (prune or {}).items())
 
 
 def run_id(method: str, sparsity: float, seed: int, prune: dict | None = None, steps: int = STEPS) -> str:
@@ -404,7 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=STEPS, help=f"training steps of 1 x 256 tokens (quick-cpu: {STEPS}; "
                    "another budget gets its own runs and rows)")
     p.add_argument("--prune", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a prune field of tapc's recipe changed, e.g. final=0.35 (a variant: its own rows)")
+                   help="a prune field of tapc's recipe changed, e.g. final=0.35 or structure=[mlp] "
+                        "(a variant: its own rows)")
     p.add_argument("--torch-pruning", help="a folder with torch-pruning installed: check the Taylor scores with it")
     p.add_argument("--quick", action="store_true", help="tiny Llama from a config, a few steps: seconds")
     p.add_argument("--out", default=str(OUT))

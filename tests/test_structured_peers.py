@@ -78,6 +78,16 @@ def test_quick_benchmark_runs_every_method_and_resumes(tmp_path, capsys):
     assert "| 50% | 4 | tapc | 1 |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_prune_variant_changes_tapcs_recipe_over_the_benchmarks_own_fields_and_names_its_runs():
+    settings = peers.Settings(seed=1, steps=peers.STEPS, seq_len=256)
+    variant = {"structure": ["mlp"], "score_loss": "sampled"}
+    plain, changed = peers.recipe(settings, 0.3, "tapc"), peers.recipe(settings, 0.3, "tapc", variant)
+    assert plain.prune.structure == ["mlp", "heads"] and plain.prune.score_loss == "ce"
+    assert changed.prune.structure == ["mlp"] and changed.prune.score_loss == "sampled"
+    assert changed.prune.sparsity == 0.3 and changed.seed == 1
+    assert peers.run_id("tapc", 0.3, 1, variant) == "tapc-structuremlp-score_losssampled-30-seed1"
+
+
 def test_unit_criteria_aggregate_the_same_window_gradients_their_own_way():
     from benchmarks import structured_criteria as criteria
 
