@@ -15,7 +15,10 @@ artifact there (PyTorch safetensors, ONNX fp32 / int8 / int4, each GGUF file):
 - perplexity, KL to the dense model and top-1 agreement, as the run measured them
   (`report.json`: the same protocol for every run, KL to the same dense model); where a run
   has no KL (the dense model's own quantized files, exported by `tapc export`), it is
-  measured here against the first run's PyTorch model (the dense one) on the same windows.
+  measured here against the first run's PyTorch model (the dense one) on the same windows;
+- held-out chat KL: KL to the dense model per token of its own greedy answers to
+  structured_peers' 16 chat prompts (its `chat.json`), text no run trained on, measured
+  here for every artifact (ONNX through onnxruntime, GGUF read back by transformers).
 
 Writes JSON, prints a Markdown table, and draws KL against bytes and against decode
 speed with the Pareto front (no other artifact both smaller or faster and closer) marked.
@@ -33,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.edge_export import NEW_TOKENS, PREFILL, PROMPT, prefill, round_robin  # noqa: E402
+from benchmarks.structured_peers import OUT as PEERS, chat_answers, chat_kl  # noqa: E402
 from compressor import load_model  # noqa: E402
 from compressor.data import load_texts, tokenize  # noqa: E402
 from compressor.folder import directory_bytes, onnx_bytes  # noqa: E402
@@ -75,17 +79,27 @@ def artifacts(label: str, out: Path) -> list[dict]:
     return rows
 
 
-def measure_missing_kl(rows: list[dict], test: torch.Tensor, seq_len: int, max_tokens: int) -> None:
-    """KL to the first run's PyTorch model (the dense one) for the ONNX and GGUF artifacts that have none."""
+def _model(row: dict):
+    """The artifact as something perplexity() and chat_kl() can run: PyTorch, onnxruntime, or a GGUF read back
+    (dequantized) by transformers."""
+    if row["artifact"] in ONNX:
+        return OnnxDecoder(Path(row["path"]) / "model.onnx")
+    return load_model(row["path"]).model.eval()
+
+
+def measure_quality(rows: list[dict], test: torch.Tensor, seq_len: int, max_tokens: int, conversations) -> None:
+    """Held-out chat KL of every artifact, and KL to the first run's PyTorch model (the dense one) for those that
+    have none from their run."""
     from compressor.evaluate import perplexity
 
     reference = load_model(rows[0]["path"]).model.eval()
     for row in rows:
-        if row["kl"] is None and (row["artifact"] in ONNX or row["artifact"].startswith("gguf-")):
-            model = (OnnxDecoder(Path(row["path"]) / "model.onnx") if row["artifact"] in ONNX
-                     else load_model(row["path"]).model.eval())  # a GGUF read back (dequantized) by transformers
+        model = _model(row)
+        if row["kl"] is None:
             result = perplexity(model, test, seq_len, max_tokens=max_tokens, reference=reference)
             row.update(ppl=result.ppl, kl=result.kl, top1=result.agreement, kl_measured_here=True)
+        row["chat_kl"] = chat_kl(model, reference, conversations)
+        del model
 
 
 def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int) -> None:
@@ -116,13 +130,14 @@ def pareto(rows: list[dict], axis: str, better) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     front = {id(r) for r in pareto(rows, "bytes", lambda a, b: a <= b)}
-    lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | front |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL | front |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['run']} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
                      f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | {fmt(r['ppl'], '.2f')} | "
-                     f"{fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | {'size' if id(r) in front else ''} |")
+                     f"{fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | {fmt(r.get('chat_kl'), '.3f')} | "
+                     f"{'size' if id(r) in front else ''} |")
     return "\n".join(lines)
 
 
@@ -158,6 +173,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=512, help="evaluation windows (the runs' protocol)")
     parser.add_argument("--eval-tokens", type=int, default=20480, help="first N test tokens (the runs' protocol)")
+    parser.add_argument("--chat", default=str(PEERS), help="the folder of structured_peers' chat.json (the dense "
+                        "model's answers to held-out chat prompts, made there if missing)")
     parser.add_argument("--results", default="benchmarks/results/frontier.json")
     args = parser.parse_args()
     rows = []
@@ -167,7 +184,8 @@ def main() -> None:
     first = next(r for r in rows if r["artifact"] == "safetensors")
     tokenizer = load_model(first["path"]).tokenizer
     test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
-    measure_missing_kl(rows, test, args.seq_len, args.eval_tokens)
+    conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
+    measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)
     measure_speed(rows, test, tokenizer, args.repeats)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def main(argv=None) -> str:
                             calib_windows=4, oneshot_len=32, seed=args.seed)
     results = Path(args.results)
     bench = load_bench(settings, args.model, Path(args.dataset), args.quick)
-    conversations = peers.chat_answers(bench, Path(args.chat))
+    conversations = peers.chat_answers(bench.model, bench.tokenizer, Path(args.chat))
     dense = bench.model.eval()
     rows = []
     for labels in ("ce", "sampled"):

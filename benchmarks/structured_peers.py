@@ -220,13 +220,12 @@ def recipe(settings: Settings, sparsity: float, method: str, prune: dict | None 
     return load_recipe("quick-cpu", over)
 
 
-def chat_answers(bench, out: Path) -> list[list[int]]:
+def chat_answers(dense, tokenizer, out: Path) -> list[list[int]]:
     """The held-out chat turns: each prompt in the chat template with the dense model's greedy answer
     (computed once, kept in OUT). Without a chat template, the prompt as plain text."""
     stored = out / "chat.json"
     if stored.is_file():
         return json.loads(stored.read_text())
-    tokenizer = bench.tokenizer
     conversations = []
     for prompt in PROMPTS:
         if getattr(tokenizer, "chat_template", None):
@@ -236,7 +235,7 @@ def chat_answers(bench, out: Path) -> list[list[int]]:
         else:
             ids = tokenizer(prompt)["input_ids"]
         with torch.no_grad():
-            full = bench.model.generate(torch.tensor([ids]), max_new_tokens=ANSWER_TOKENS, do_sample=False,
+            full = dense.generate(torch.tensor([ids]), max_new_tokens=ANSWER_TOKENS, do_sample=False,
                                         pad_token_id=tokenizer.eos_token_id)[0].tolist()
         conversations.append([len(ids), full])
     out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +423,7 @@ def main(argv=None) -> str:
         return print_(write_report(out, json.loads((out / "dense.json").read_text()) if (out / "dense.json").is_file()
                             else None))
     bench = load_bench(settings, args.model, Path(args.dataset), args.quick)
-    conversations = chat_answers(bench, out)
+    conversations = chat_answers(bench.model, bench.tokenizer, out)
     if not (out / "dense.json").is_file():
         dense = perplexity(bench.model, bench.tokens["test"], settings.eval_len,
                            max_tokens=settings.eval_windows * settings.eval_len, batch_size=4)

@@ -1,0 +1,39 @@
+"""The frontier benchmark's quality pass on tiny artifacts: chat KL for every artifact, KL where a run has none."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import frontier
+from benchmarks.structured_peers import chat_answers
+from compressor.export.graph import export_decoder
+from compressor.models import load_model
+
+from .conftest import build_model, save_tiny
+
+
+def test_every_artifact_gets_a_chat_kl_and_a_missing_kl_is_measured(tmp_path, tokenizer):
+    dense_dir = save_tiny(tmp_path / "dense", "llama", tokenizer, 0.2)
+    dense = load_model(str(dense_dir)).model.eval()
+    export_decoder(dense, dense_dir, tmp_path / "onnx")  # the same model through onnxruntime
+    other = build_model("llama", len(tokenizer), 0.2)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    rows = [{"run": "dense", "artifact": "safetensors", "path": str(dense_dir), "ppl": None, "kl": 0.0,
+             "top1": 1.0},
+            {"run": "dense", "artifact": "onnx", "path": str(tmp_path / "onnx"), "kl": None},
+            {"run": "other", "artifact": "safetensors", "path": str(tmp_path / "other"), "kl": None}]
+    conversations = chat_answers(dense, tokenizer, tmp_path / "chat")
+    assert (tmp_path / "chat" / "chat.json").is_file() and len(conversations) == 16
+    test = torch.randint(len(tokenizer), (400,), generator=torch.Generator().manual_seed(0))
+    frontier.measure_quality(rows, test, 64, 256, conversations)
+    dense_row, onnx_row, other_row = rows
+    assert dense_row["chat_kl"] == 0.0  # the same float32 computation twice
+    # fp32 onnxruntime against fp32 PyTorch, the same weights: logits agree to ~1e-6, a KL of order 1e-12 (the
+    # test-text KL is summed in float32: rounding of order 1e-9 either side of 0); halving one layer's MLP output
+    # moves it by orders of magnitude more
+    assert onnx_row["kl_measured_here"] and abs(onnx_row["kl"]) < 1e-6 and 0 <= onnx_row["chat_kl"] < 1e-6
+    assert other_row["kl"] > 1e-4 and other_row["chat_kl"] > 1e-4
+    assert "| dense | onnx |" in frontier.markdown([{**r, "sparsity": 0.0, "bytes": 1} for r in rows])
