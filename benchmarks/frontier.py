@@ -11,7 +11,9 @@ artifact there (PyTorch safetensors, ONNX fp32 / int8 / int4, each GGUF file):
 - decode tokens/s (greedy, 128 new tokens after a 5-token prompt, batch 1, tapc's loop on
   onnxruntime; PyTorch for the safetensors) and prefill tokens/s (one 512-token prompt),
   medians of `--repeats` runs taken round-robin over all artifacts of all runs, so a busy
-  spell weighs on every artifact alike;
+  spell weighs on every artifact alike; GGUF files in llama.cpp's `llama-bench` (`--llama-bench`:
+  its decode test generates 128 tokens from an empty context, its prefill one of 512),
+  one run of it per turn of the same round-robin, with as many threads;
 - perplexity, KL to the dense model and top-1 agreement, as the run measured them
   (`report.json`: the same protocol for every run, KL to the same dense model); where a run
   has no KL (the dense model's own quantized files, exported by `tapc export`), it is
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,20 +105,31 @@ def measure_quality(rows: list[dict], test: torch.Tensor, seq_len: int, max_toke
         del model
 
 
-def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int) -> None:
-    """Decode and prefill tokens/s of every PyTorch and ONNX artifact, round-robin."""
-    decoders = {}
-    for row in rows:
-        key = f"{row['run']}:{row['artifact']}"
-        if row["artifact"] == "safetensors":
-            decoders[key] = TorchDecoder(load_model(row["path"]).model)
-        elif row["artifact"] in ONNX:
-            decoders[key] = OnnxDecoder(Path(row["path"]) / "model.onnx")
+def llama_bench(binary: str, path: str, prompt: int, new: int, threads: int) -> float:
+    """Tokens/s of one llama-bench test of a GGUF file: a `prompt`-token prefill or `new` generated tokens."""
+    done = subprocess.run([binary, "-m", path, "-p", str(prompt), "-n", str(new), "-t", str(threads), "-r", "1",
+                           "-o", "json"], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)[0]["avg_ts"]
+
+
+def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int, llama: str | None = None) -> None:
+    """Decode and prefill tokens/s of every PyTorch and ONNX artifact, and of every GGUF file given llama.cpp's
+    `llama-bench`, round-robin."""
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     long = test[None, :PREFILL]
-    decode = round_robin({k: (lambda d=d: generate(d, prompt, NEW_TOKENS).tokens_per_second)
-                          for k, d in decoders.items()}, repeats)
-    prefills = round_robin({k: (lambda d=d: prefill(d, long)) for k, d in decoders.items()}, repeats)
+    threads = torch.get_num_threads()
+    decode, prefills = {}, {}
+    for row in rows:
+        key = f"{row['run']}:{row['artifact']}"
+        if row["artifact"] == "safetensors" or row["artifact"] in ONNX:
+            d = (TorchDecoder(load_model(row["path"]).model) if row["artifact"] == "safetensors"
+                 else OnnxDecoder(Path(row["path"]) / "model.onnx"))
+            decode[key] = lambda d=d: generate(d, prompt, NEW_TOKENS).tokens_per_second
+            prefills[key] = lambda d=d: prefill(d, long)
+        elif llama and row["artifact"].startswith("gguf-"):
+            decode[key] = lambda p=row["path"]: llama_bench(llama, p, 0, NEW_TOKENS, threads)
+            prefills[key] = lambda p=row["path"]: llama_bench(llama, p, PREFILL, 0, threads)
+    decode, prefills = round_robin(decode, repeats), round_robin(prefills, repeats)
     for row in rows:
         key = f"{row['run']}:{row['artifact']}"
         row["decode_tps"], row["prefill_tps"] = decode.get(key), prefills.get(key)
@@ -175,6 +189,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=20480, help="first N test tokens (the runs' protocol)")
     parser.add_argument("--chat", default=str(PEERS), help="the folder of structured_peers' chat.json (the dense "
                         "model's answers to held-out chat prompts, made there if missing)")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench: measure the GGUF files' speed with it (not a "
+                        "tapc dependency; build llama.cpp with `cmake --build build --target llama-bench`)")
     parser.add_argument("--results", default="benchmarks/results/frontier.json")
     args = parser.parse_args()
     rows = []
@@ -186,12 +202,13 @@ def main() -> None:
     test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
     conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
     measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)
-    measure_speed(rows, test, tokenizer, args.repeats)
+    measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"rows": rows, "protocol": {"decode": f"greedy, {NEW_TOKENS} new tokens after "
                                    f"{PROMPT!r}, batch 1", "prefill": f"{PREFILL} tokens", "repeats": args.repeats,
-                                   "threads": torch.get_num_threads()}}, indent=1) + "\n")
+                                   "threads": torch.get_num_threads(), "gguf": args.llama_bench and
+                                   f"llama-bench -p {PREFILL} / -n {NEW_TOKENS}, one run a turn"}}, indent=1) + "\n")
     plot(rows, results.with_suffix(".png"))
     print(markdown(rows))
 
