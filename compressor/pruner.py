@@ -375,8 +375,11 @@ class Pruner:
         scores = {name: (self.scores[name] if name in self.scores else self._score(name, weights[name])).float()
                   for name in self.modules}
         units = [unit_scores(group, scores, self.modules) for group in self.groups]
+        # Kinds trade by what removing a unit costs: the scores of its output weights (heads' q_proj rows score
+        # half of what their o_proj columns do per weight, and made heads look cheaper than their removal is)
+        prices = [unit_scores(group, scores, self.modules, output=True) for group in self.groups]
         start = None if self.config.regrowth else removed_units(self.groups, old, self.modules)
-        removed = plan_removal(self.groups, units, self.modules, round(target * self.num_prunable()), start)
+        removed = plan_removal(self.groups, units, self.modules, round(target * self.num_prunable()), start, prices)
         return unit_masks(self.groups, units, self.modules, removed, None if self.config.regrowth else old)
 
     def _record(self, step: int, target: float, alpha: float, old: dict[str, torch.Tensor],

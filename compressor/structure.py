@@ -116,29 +116,35 @@ def _by_unit(tensor: torch.Tensor, member: Member, module: nn.Module, count: int
     return view.reshape(view.shape[0], count, member.width).transpose(0, 1).reshape(count, -1)
 
 
-def unit_scores(group: Group, scores: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> torch.Tensor:
-    """Each unit's score: the sum of its weights' scores, shaped (sets, per_set)."""
-    total = sum(_by_unit(scores[m.module], m, modules[m.module], group.count).double().sum(1) for m in group.members)
+def unit_scores(group: Group, scores: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+                output: bool = False) -> torch.Tensor:
+    """Each unit's score: the sum of its weights' scores, shaped (sets, per_set). `output`: of the weights
+    that carry its output alone (the columns of `down_proj`, `c_proj` or `o_proj`), whose removal removes it."""
+    members = [m for m in group.members if m.axis == 1] if output else group.members
+    total = sum(_by_unit(scores[m.module], m, modules[m.module], group.count).double().sum(1) for m in members)
     return total.view(group.sets, group.per_set)
 
 
 def plan_removal(groups: list[Group], units: list[torch.Tensor], modules: dict[str, nn.Module],
-                 budget: int, start: dict[str, int] | None = None) -> dict[str, int]:
+                 budget: int, start: dict[str, int] | None = None,
+                 prices: list[torch.Tensor] | None = None) -> dict[str, int]:
     """Units to remove per set in every layer, by kind, from each group's unit scores `units` (shaped
     (sets, per_set), as `unit_scores` gives; any importance will do): slices taken cheapest first (the
-    sum of their units' scores per weight) while the removed weights stay within `budget`, from `start`
-    (the units already removed, when masked units may not come back). A slice is `ALIGN` units of a kind
+    sum of their units' `prices`, by default their scores, per weight) while the removed weights stay
+    within `budget`, from `start` (the units already removed, when masked units may not come back). A
+    slice of a kind holds the lowest-scored units of every layer and set; it is `ALIGN` units of a kind
     whose width divides by it, so the cut widths stay multiples of it; one slice of every kind stays."""
     shapes = {name: tuple(as_rows(module.weight, module).shape) for name, module in modules.items()}
     kinds = {}
     for kind in dict.fromkeys(g.kind for g in groups):
-        mine = [(g, u) for g, u in zip(groups, units) if g.kind == kind]
+        mine = [(g, u, p) for g, u, p in zip(groups, units, prices or units) if g.kind == kind]
         per_set = mine[0][0].per_set
         step = ALIGN if per_set % ALIGN == 0 and per_set > ALIGN else 1
-        # each layer's (and set's) units from the lowest score up, summed over layers and sets, a slice at a time
-        ordered = torch.stack([u.double().sort(dim=1).values for _, u in mine]).sum((0, 1))
-        costs = ordered.view(-1, step).sum(1).tolist()
-        size = step * sum(g.sets * g.weights_per_unit(shapes) for g, _ in mine)  # weights in one slice
+        # the prices of each layer's (and set's) units from the lowest score up (ties: the lower index first, as
+        # unit_masks takes them), summed over layers and sets, a slice at a time
+        ordered = torch.stack([p.double().gather(1, u.double().argsort(dim=1, stable=True)) for _, u, p in mine])
+        costs = ordered.sum((0, 1)).view(-1, step).sum(1).tolist()
+        size = step * sum(g.sets * g.weights_per_unit(shapes) for g, _, _ in mine)  # weights in one slice
         kinds[kind] = (costs, size, step)
     removed = {kind: (start or {}).get(kind, 0) // kinds[kind][2] for kind in kinds}  # in slices
     spent = sum(kinds[kind][1] * n for kind, n in removed.items())

@@ -115,6 +115,23 @@ def test_slices_go_cheapest_first_within_the_budget_and_keep_one_unit():
     assert plan_removal(groups, scores, modules, everything) == {"mlp": 96, "heads": 1}  # one slice of each stays
 
 
+def test_kinds_trade_by_the_scores_of_their_output_weights():
+    model = build_model("llama", 97)
+    total = sum(m.weight.numel() for m in prunable_weights(model).values())
+    config = PruneConfig(sparsity=12288 / total, structure=["mlp", "heads"], warmup=0.0, final=1.0, prune_every=1)
+    pruner = Pruner(config, 10).prepare(model)
+    # Per weight over all of a unit's weights a head slice is the cheaper (q rows 0, o columns 1: 0.5, against
+    # (1 + 1 + 0.3) / 3 for the channels); over the weights that carry the output, the MLP slice is
+    # (down columns 0.3 over 3 x 4096 weights: 0.1, against 4096 o columns of 1 over 8192 weights: 0.5).
+    cost = {"q_proj": 0.0, "o_proj": 1.0, "down_proj": 0.3}
+    for name, weight in pruner.weights.items():
+        pruner.scores[name] = torch.full_like(weight, cost.get(name.split(".")[-1], 1.0))
+    modules, groups = pruner.modules, pruner.groups
+    units = [unit_scores(g, pruner.scores, modules) for g in groups]
+    assert structure.plan_removal(groups, units, modules, 12288) == {"mlp": 0, "heads": 1}
+    assert pruner.step(10, [1.0] * 20)["units"] == {"mlp": 32, "heads": 0}
+
+
 def test_regrowth_brings_a_unit_back():
     model = build_model("llama", 97)
     config = PruneConfig(sparsity=0.2, structure=["mlp"], warmup=0.0, tau=0.2, final=1.0, prune_every=1)
