@@ -143,15 +143,18 @@ def pareto(rows: list[dict], axis: str, better) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    front = {id(r) for r in pareto(rows, "bytes", lambda a, b: a <= b)}
-    lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL | front |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    """The table; "front": on the Pareto front of KL against size, against decode speed, or both."""
+    fronts = {"size": pareto(rows, "bytes", lambda a, b: a <= b),
+              "speed": pareto(rows, "decode_tps", lambda a, b: a >= b)}
+    lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL "
+             "| front |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
+        front = ", ".join(name for name, on in fronts.items() if any(o is r for o in on))
         lines.append(f"| {r['run']} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
-                     f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | {fmt(r['ppl'], '.2f')} | "
-                     f"{fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | {fmt(r.get('chat_kl'), '.3f')} | "
-                     f"{'size' if id(r) in front else ''} |")
+                     f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | "
+                     f"{fmt(r['ppl'], '.2f')} | {fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | "
+                     f"{fmt(r.get('chat_kl'), '.3f')} | {front} |")
     return "\n".join(lines)
 
 
