@@ -236,7 +236,7 @@ def chat_answers(dense, tokenizer, out: Path) -> list[list[int]]:
             ids = tokenizer(prompt)["input_ids"]
         with torch.no_grad():
             full = dense.generate(torch.tensor([ids]), max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                                        pad_token_id=tokenizer.eos_token_id)[0].tolist()
+                                  pad_token_id=tokenizer.eos_token_id)[0].tolist()
         conversations.append([len(ids), full])
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(conversations))

@@ -14,7 +14,8 @@ head count for all layers: a mask update removes *slices*, 32 more channels in e
 layer (where the MLP width divides by 32, so that the cut widths suit int4 blocks and
 kernels; else one) or one more query head in every key-value group of every layer, each
 the lowest-scored units of their layer (or group). Slices are taken cheapest first (the
-sum of their units' scores per weight) while the removed weights stay within the target,
+sum of their units' prices per weight: the scores of the weights that carry a unit's
+output, whose removal alone removes it) while the removed weights stay within the target,
 so the target is met from below by less than one slice; the report says what was reached.
 With grouped-query attention, heads go in equal numbers from every key-value group, so
 `num_attention_heads` stays a multiple of `num_key_value_heads`; key-value heads stay.
