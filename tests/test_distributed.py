@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from compressor.errors import UsageError
 from compressor.pipeline import compress
 
-from .conftest import build_model, free_port
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from compressor.errors import JobError
 from compressor.export.graph import export_decoder
