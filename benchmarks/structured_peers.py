@@ -222,10 +222,15 @@ def recipe(settings: Settings, sparsity: float, method: str, prune: dict | None 
 
 def chat_answers(dense, tokenizer, out: Path) -> list[list[int]]:
     """The held-out chat turns: each prompt in the chat template with the dense model's greedy answer
-    (computed once, kept in OUT). Without a chat template, the prompt as plain text."""
+    (computed once, kept in OUT). Without a chat template, the prompt as plain text. Answers kept there
+    from another model are an error: each dense model needs a folder of its own."""
     stored = out / "chat.json"
     if stored.is_file():
-        return json.loads(stored.read_text())
+        conversations = json.loads(stored.read_text())
+        if not answers_of(dense, conversations):
+            raise SystemExit(f"{stored} holds another model's chat answers; give this model a folder of its own "
+                             f"(--out or --chat)")
+        return conversations
     conversations = []
     for prompt in PROMPTS:
         if getattr(tokenizer, "chat_template", None):
@@ -241,6 +246,22 @@ def chat_answers(dense, tokenizer, out: Path) -> list[list[int]]:
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(conversations))
     return conversations
+
+
+@torch.no_grad()
+def answers_of(dense, conversations) -> bool:
+    """Whether the stored answers are `dense`'s own: its next-token argmax over the answers, read in one pass, is
+    the answer token at 90% of them or more (a greedy run with a KV cache differs from one pass only at near-ties;
+    another model's argmax agrees by chance)."""
+    vocab = dense.get_input_embeddings().num_embeddings
+    agree = count = 0
+    for start, ids in conversations:
+        if max(ids) >= vocab:
+            return False
+        x = torch.tensor([ids])
+        agree += int((dense(input_ids=x).logits[0, start - 1 : -1].argmax(-1) == x[0, start:]).sum())
+        count += len(ids) - start
+    return agree >= 0.9 * count
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import frontier
@@ -37,3 +38,13 @@ def test_every_artifact_gets_a_chat_kl_and_a_missing_kl_is_measured(tmp_path, to
     assert onnx_row["kl_measured_here"] and abs(onnx_row["kl"]) < 1e-6 and 0 <= onnx_row["chat_kl"] < 1e-6
     assert other_row["kl"] > 1e-4 and other_row["chat_kl"] > 1e-4
     assert "| dense | onnx |" in frontier.markdown([{**r, "sparsity": 0.0, "bytes": 1} for r in rows])
+
+
+def test_chat_answers_of_another_model_are_refused(tmp_path, tokenizer):
+    dense = load_model(str(save_tiny(tmp_path / "dense", "llama", tokenizer, 0.2))).model.eval()
+    conversations = chat_answers(dense, tokenizer, tmp_path / "chat")
+    assert chat_answers(dense, tokenizer, tmp_path / "chat") == conversations  # its own: read back
+    torch.manual_seed(1)
+    other = type(dense)(dense.config).eval()  # the same architecture, other weights
+    with pytest.raises(SystemExit, match="another model's chat answers"):
+        chat_answers(other, tokenizer, tmp_path / "chat")
