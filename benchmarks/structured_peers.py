@@ -382,10 +382,10 @@ def table(runs: list[dict]) -> tuple[str, list[dict]]:
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """tapc against each peer at every sparsity where both have seeds: the difference of the mean KL
-    (and chat KL) against twice the larger seed deviation of the two."""
+    """tapc (and each of its variants) against each peer at every sparsity and budget where both have seeds:
+    the difference of the mean KL (and chat KL) against twice the larger seed deviation of the two."""
     lines = []
-    for tapc in (r for r in rows if r["method"] == "tapc" and r["seeds"] > 1):
+    for tapc in (r for r in rows if r["method"].split("-")[0] == "tapc" and r["seeds"] > 1):
         for peer in (r for r in rows if (r["sparsity"], r["steps"]) == (tapc["sparsity"], tapc["steps"])
                      and r["method"] in METHODS[1:] and r["seeds"] > 1):
             said = []
@@ -393,7 +393,7 @@ def verdicts(rows: list[dict]) -> list[str]:
                 diff, spread = tapc[key][0] - peer[key][0], 2 * max(tapc[key][1], peer[key][1])
                 verdict = "lower" if diff < -spread else "higher" if diff > spread else "within 2 seed SDs"
                 said.append(f"{key.replace('_', ' ')} {diff:+.3f} (2 SDs {spread:.3f}): {verdict}")
-            lines.append(f"- {tapc['sparsity']:.0%}, {tapc['steps']} steps, tapc against {peer['method']}: "
+            lines.append(f"- {tapc['sparsity']:.0%}, {tapc['steps']} steps, {tapc['method']} against {peer['method']}: "
                          + "; ".join(said))
     return lines
 

@@ -88,6 +88,22 @@ def test_a_prune_variant_changes_tapcs_recipe_over_the_benchmarks_own_fields_and
     assert peers.run_id("tapc", 0.3, 1, variant) == "tapc-structuremlp-score_losssampled-30-seed1"
 
 
+def test_every_tapc_variant_with_seeds_gets_a_verdict_against_the_peers_at_its_budget():
+    def run(method, seed, kl, chat_kl, steps=120):
+        return {"method": method, "label": method, "sparsity": 0.2, "seed": seed, "steps": steps, "removed": 0.19,
+                "parameters": 1, "shape": {"layers": 2, "intermediate_size": 8, "heads": 2}, "ppl": 40.0,
+                "kl": kl, "top1": 0.6, "chat_kl": chat_kl}
+    runs = [run("tapc-finalx", s, 0.40 + 0.01 * s, 1.2) for s in range(3)]  # mean 0.41, SD 0.01
+    runs += [run("taylor", s, 0.46 + 0.01 * s, 1.2 + 0.01 * s) for s in range(3)]  # 0.47: 0.06 above
+    runs += [run("minitron", s, 0.42, 1.1) for s in range(2)]  # 0.42: 0.01 above, within 2 SDs; chat: no spread
+    runs += [run("tapc", 0, 0.40, 1.2), run("tapc-finalx", 0, 0.40, 1.2, steps=480)]  # one seed: no verdict
+    lines = peers.verdicts(peers.table(runs)[1])
+    assert lines == ["- 20%, 120 steps, tapc-finalx against taylor: kl -0.060 (2 SDs 0.020): lower; "
+                     "chat kl -0.010 (2 SDs 0.020): within 2 seed SDs",
+                     "- 20%, 120 steps, tapc-finalx against minitron: kl -0.010 (2 SDs 0.020): within 2 seed SDs; "
+                     "chat kl +0.100 (2 SDs 0.000): higher"]
+
+
 def test_unit_criteria_aggregate_the_same_window_gradients_their_own_way():
     from benchmarks import structured_criteria as criteria
 
