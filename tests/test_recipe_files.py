@@ -115,6 +115,15 @@ def test_domain_adapt_is_quick_cpu_with_cross_entropy():
                                                                                 "prune.warmup")
 
 
+def test_structured_cpu_is_quick_cpu_cutting_units_chosen_early_by_activation_scores():
+    cut, quick = load_recipe("structured-cpu"), load_recipe("quick-cpu")
+    assert _raw("structured-cpu")["base"] == "quick-cpu"
+    assert cut.prune.structure == ["mlp", "heads"] and cut.prune.saliency == "global-wanda"
+    assert cut.prune.warmup < cut.prune.final < quick.prune.final  # chosen early: most of the run recovers
+    changed = ("prune.structure", "prune.saliency", "prune.final")
+    assert _without(cut, *changed) == _without(quick, *changed)  # quick-cpu's budget and recovery
+
+
 @pytest.mark.parametrize("name, method", [("oneshot-wanda", "wanda"), ("oneshot-sparsegpt", "sparsegpt")])
 def test_oneshot_recipes_prune_once_without_training(name, method):
     recipe, quick = load_recipe(name), load_recipe("quick-cpu")

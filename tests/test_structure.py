@@ -230,3 +230,20 @@ def test_a_cut_model_from_a_gguf_writes_its_own_widths_into_the_copied_metadata(
     # Read back by transformers with the cut shapes (else it refuses the file); f16 weights of a random model
     # flip only near-ties (measured 0.998), far above what a wrong shape or head layout gives.
     assert written["top1_agreement"] > 0.9
+
+
+def test_the_structured_recipe_cuts_units_it_chose_early_by_their_activations(tmp_path, tokenizer, data_dir):
+    folder = save_tiny(tmp_path / "llama", "llama", tokenizer, init_range=0.2)
+    small = tmp_path / "small.yaml"  # the built-in recipe at a tiny model's scale
+    small.write_text("base: structured-cpu\ntrain: {steps: 20, eval_every: 10, val_batches: 1}\n"
+                     "data: {seq_len: 32}\neval: {seq_len: 32, max_tokens: 600}\nexport: {onnx: false}\n")
+    result = run_cli("compress", folder, "--recipe", small, "--dataset", data_dir, "--out", tmp_path / "out",
+                     "--sparsity", 0.4, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["recipe"]["prune"]["saliency"] == "global-wanda"  # scored by |w| * ||x||, not gradients
+    assert report["train"]["mask_updates"] == 1  # every unit chosen at once, at step 4 of 20 (final 0.2)
+    widths = report["structure"]["widths"]
+    assert widths["mlp"]["after"] < widths["mlp"]["before"]
+    smaller = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert sum(p.numel() for p in smaller.parameters()) == report["structure"]["parameters"]["after"]
