@@ -52,7 +52,7 @@ import yaml
 import torch.nn.functional as F
 
 from compressor import structure
-from compressor.calibration import decoder_layers, sample_windows
+from compressor.calibration import decoder_layers, recipe_calibration
 from compressor.distill import uses_teacher
 from compressor.evaluate import perplexity
 from compressor.models import prunable_weights
@@ -294,10 +294,8 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
     r = recipe(s, sparsity, method, prune)
     pruner = None
     if method == "tapc":
-        # what `tapc compress` calibrates on (global-wanda): the recipe's count of training windows, not the
-        # peers' longer calibration windows
-        pruner = build_pruner(net, r.prune, s.steps, sample_windows(bench.train_windows, r.prune.calibration_windows,
-                                                                    s.seed))
+        # what `tapc compress` calibrates on (global-wanda), not the peers' longer calibration windows
+        pruner = build_pruner(net, r.prune, s.steps, recipe_calibration(bench.train_windows, r))
     elif method == "taylor":
         net = _cut_by(net, taylor_units(net, bench.calibration, tp_dir), sparsity)
     elif method == "minitron":

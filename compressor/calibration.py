@@ -35,6 +35,12 @@ def sample_windows(windows: torch.Tensor, count: int, seed: int) -> torch.Tensor
     return windows[order[:count].sort().values]
 
 
+def recipe_calibration(train_windows: torch.Tensor, recipe) -> torch.Tensor:
+    """The windows a run calibrates on (one-shot methods, global-wanda): `prune.calibration_windows` of the
+    training windows, drawn by the recipe's seed."""
+    return sample_windows(train_windows, recipe.prune.calibration_windows, recipe.seed)
+
+
 class _Stop(Exception):
     pass
 

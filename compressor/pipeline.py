@@ -25,7 +25,7 @@ from .markdown import render_markdown
 from .memory import check_fits, peak_rss
 from .models import load_model, prunable_weights, window_length
 from .plots import write_plots
-from .calibration import sample_windows
+from .calibration import recipe_calibration
 from .pruner import build_pruner
 from .recipe import Recipe, default_recipe, load_recipe, recipe_to_yaml
 from .report import format_table, model_tensors, sparsity_summary
@@ -362,7 +362,7 @@ def _build_trainer(net, recipe: Recipe, data: dict, device, dense_val_loss: floa
     """Pruner (running a one-shot method when `oneshot`), optimizer and trainer for the whole run."""
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(data["train"]))
-    calibration = sample_windows(data["train"], recipe.prune.calibration_windows, recipe.seed)
+    calibration = recipe_calibration(data["train"], recipe)
     pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=oneshot,
                           progress=lambda e: notify({**e, "stage": "oneshot"}))
     if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
