@@ -6,16 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from compressor import checkpoint, compress, load_recipe
-from compressor.cli import cli
 from compressor.errors import JobError
 from compressor.pruner import Pruner
 from compressor.recipe import Recipe
@@ -33,6 +30,15 @@ def _tensors(out: Path) -> dict:
 def _same(a: Path, b: Path) -> bool:
     ta, tb = _tensors(a), _tensors(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _differences(a: Path, b: Path) -> list[str]:
+    """What differs between two outputs' weights: each tensor's count of unequal values and largest gap."""
+    ta, tb = _tensors(a), _tensors(b)
+    if ta.keys() != tb.keys():
+        return [f"tensor names differ: {sorted(ta.keys() ^ tb.keys())}"]
+    return [f"{k}: {int((ta[k] != tb[k]).sum())} of {ta[k].numel()} values, largest gap "
+            f"{(ta[k].double() - tb[k].double()).abs().max().item():.3g}" for k in ta if not torch.equal(ta[k], tb[k])]
 
 
 def test_stop_then_resume_equals_uninterrupted_run(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
@@ -54,25 +60,33 @@ def _cli_args(gpt2_dir, data_dir, recipe_file, out, *extra):
             "--dataset", str(data_dir), "--out", str(out), "--steps", "60", *extra]
 
 
-def _start_and_signal(args, ckpt: Path, sig) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # a few steps past the step-0 checkpoint
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _start_and_signal(args, sig, at: str = "step 18/60") -> subprocess.CompletedProcess:
+    """Run `args` and send `sig` once its progress log reaches `at` (a step count, not a time: the signal
+    lands mid-run on a fast machine and on a slow one)."""
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if at in line:
+            proc.send_signal(sig)
+            break
+    stdout, rest = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, "".join(seen) + rest)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(gpt2_dir, data_dir, tmp_path_factory):
-    """The same job as the killed runs, run once without interruption."""
+    """The same job as the killed runs, run once without interruption, in a process of its own as they are
+    (nothing the test process did before can reach it)."""
     folder = tmp_path_factory.mktemp("whole")
     recipe = _write_recipe(folder / "tiny.yaml")
-    result = CliRunner().invoke(cli, [str(a) for a in _cli_args(gpt2_dir, data_dir, recipe, folder / "out")[3:]])
-    assert result.exit_code == 0, result.output
+    result = subprocess.run(_cli_args(gpt2_dir, data_dir, recipe, folder / "out"), env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     return folder / "out", recipe
 
 
@@ -91,8 +105,7 @@ def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uni
     whole, quick_recipe_file = uninterrupted
     out = tmp_path / "run"
     ckpt = checkpoint.checkpoint_dir(out) / "checkpoint.pt"
-    done = _start_and_signal(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3"),
-                             ckpt, sig)
+    done = _start_and_signal(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3"), sig)
     if sig == signal.SIGTERM:
         assert done.returncode == 130, done.stderr
         assert "--resume" in done.stderr.strip().splitlines()[-1]
@@ -100,10 +113,12 @@ def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uni
         assert done.returncode == -signal.SIGKILL
     assert not out.exists() and ckpt.exists()
     resumed = subprocess.run(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3",
-                                       "--resume"), env={**os.environ, "PYTHONPATH": str(REPO)},
+                                       "--resume"), env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert _same(out, whole)
+    # A mismatch says where the run stopped and resumed and which weights differ, for whoever has to debug it.
+    assert _same(out, whole), "\n".join(["resumed output differs from the uninterrupted run:", *_differences(out, whole),
+                                         "killed run:", done.stderr[-1500:], "resumed run:", resumed.stderr[-1500:]])
 
 
 def _trainer(tmp_path, max_recoveries=3):
