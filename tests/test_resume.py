@@ -32,13 +32,14 @@ def _same(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def _differences(a: Path, b: Path) -> list[str]:
-    """What differs between two outputs' weights: each tensor's count of unequal values and largest gap."""
+def _differences(a: Path, b: Path, above: float) -> list[str]:
+    """The tensors of two outputs whose values differ by more than `above`: how many values, the largest gap."""
     ta, tb = _tensors(a), _tensors(b)
     if ta.keys() != tb.keys():
         return [f"tensor names differ: {sorted(ta.keys() ^ tb.keys())}"]
-    return [f"{k}: {int((ta[k] != tb[k]).sum())} of {ta[k].numel()} values, largest gap "
-            f"{(ta[k].double() - tb[k].double()).abs().max().item():.3g}" for k in ta if not torch.equal(ta[k], tb[k])]
+    gaps = {k: (ta[k].double() - tb[k].double()).abs() for k in ta}
+    return [f"{k}: {int((gap > above).sum())} of {gap.numel()} values, largest gap {gap.max().item():.3g}"
+            for k, gap in gaps.items() if gap.max() > above]
 
 
 def test_stop_then_resume_equals_uninterrupted_run(gpt2_dir, data_dir, quick_recipe_file, tmp_path):
@@ -101,7 +102,7 @@ def _write_recipe(path: Path) -> Path:
 
 @pytest.mark.slow  # a second process, started and killed: ~25 s each
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uninterrupted, tmp_path):
+def test_killed_process_resumes_to_the_same_result(sig, gpt2_dir, data_dir, uninterrupted, tmp_path):
     whole, quick_recipe_file = uninterrupted
     out = tmp_path / "run"
     ckpt = checkpoint.checkpoint_dir(out) / "checkpoint.pt"
@@ -116,9 +117,14 @@ def test_killed_process_resumes_to_identical_result(sig, gpt2_dir, data_dir, uni
                                        "--resume"), env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    # A mismatch says where the run stopped and resumed and which weights differ, for whoever has to debug it.
-    assert _same(out, whole), "\n".join(["resumed output differs from the uninterrupted run:", *_differences(out, whole),
-                                         "killed run:", done.stderr[-1500:], "resumed run:", resumed.stderr[-1500:]])
+    # Bit-identity after a resume is checked in one process (test_stop_then_resume_equals_uninterrupted_run).
+    # Across processes, a resumed run on 2 threads has ended a few float32 ulps away from the uninterrupted
+    # one (gaps up to 1e-7 after 40 steps, in about one run in ten; cause not found). A piece of state lost
+    # on the way (Adam's moments, the RNG, the Taylor scores or the loss history, each dropped from a step-18
+    # checkpoint) leaves gaps of 0.04, a mask choice changed. 1e-5 lies 100 times above the first.
+    gaps = _differences(out, whole, above=1e-5)
+    assert not gaps, "\n".join(["resumed output differs from the uninterrupted run:", *gaps,
+                                "killed run:", done.stderr[-1500:], "resumed run:", resumed.stderr[-1500:]])
 
 
 def _trainer(tmp_path, max_recoveries=3):
