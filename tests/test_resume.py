@@ -106,16 +106,15 @@ def test_killed_process_resumes_to_the_same_result(sig, gpt2_dir, data_dir, unin
     whole, quick_recipe_file = uninterrupted
     out = tmp_path / "run"
     ckpt = checkpoint.checkpoint_dir(out) / "checkpoint.pt"
-    done = _start_and_signal(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3"), sig)
+    args = _cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3")
+    done = _start_and_signal(args, sig)
     if sig == signal.SIGTERM:
         assert done.returncode == 130, done.stderr
         assert "--resume" in done.stderr.strip().splitlines()[-1]
     else:
         assert done.returncode == -signal.SIGKILL
     assert not out.exists() and ckpt.exists()
-    resumed = subprocess.run(_cli_args(gpt2_dir, data_dir, quick_recipe_file, out, "--checkpoint-every", "3",
-                                       "--resume"), env=_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(args + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     # Bit-identity after a resume is checked in one process (test_stop_then_resume_equals_uninterrupted_run).
     # Across processes, a resumed run on 2 threads has ended a few float32 ulps away from the uninterrupted
