@@ -294,8 +294,8 @@ def run(bench, method: str, sparsity: float, conversations, tp_dir: str | None =
     r = recipe(s, sparsity, method, prune)
     pruner = None
     if method == "tapc":
-        # what `tapc compress` calibrates on (global-wanda), not the peers' longer calibration windows
-        pruner = build_pruner(net, r.prune, s.steps, recipe_calibration(bench.train_windows, r))
+        # what `tapc compress` calibrates on (global-wanda), by the recipe's prune.calibration_*
+        pruner = build_pruner(net, r.prune, s.steps, recipe_calibration(bench.train_windows, r, bench.tokens["train"]))
     elif method == "taylor":
         net = _cut_by(net, taylor_units(net, bench.calibration, tp_dir), sparsity)
     elif method == "minitron":

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .data import windows
+from .errors import UsageError
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks, in order: the longest ModuleList in the model."""
@@ -35,9 +38,16 @@ def sample_windows(windows: torch.Tensor, count: int, seed: int) -> torch.Tensor
     return windows[order[:count].sort().values]
 
 
-def recipe_calibration(train_windows: torch.Tensor, recipe) -> torch.Tensor:
+def recipe_calibration(train_windows: torch.Tensor, recipe, train_text: torch.Tensor) -> torch.Tensor:
     """The windows a run calibrates on (one-shot methods, global-wanda): `prune.calibration_windows` of the
-    training windows, drawn by the recipe's seed."""
+    training windows, drawn by the recipe's seed; with `prune.calibration_len` set, of the windows of that
+    many tokens cut from `train_text` (the training text's token stream) instead."""
+    length = recipe.prune.calibration_len
+    if length is not None:
+        train_windows = windows(train_text, length)
+        if not len(train_windows):
+            raise UsageError(f"prune.calibration_len is {length} tokens, but the training text has only "
+                             f"{train_text.numel()}; give more text or a smaller prune.calibration_len")
     return sample_windows(train_windows, recipe.prune.calibration_windows, recipe.seed)
 
 

@@ -75,9 +75,13 @@ def _recipe_rows(recipe: dict, seq_len: int | None) -> list[list[str]]:
                      f"stability λ {p['stability']:g}")
     else:
         schedule += f"; warmup {p['warmup']:.0%}, exact target at {p['final']:.0%} of the run"
+    calibration_len = p.get("calibration_len") or seq_len or d["seq_len"]
+    calibration = f"{p['calibration_windows']} calibration windows of {calibration_len} tokens"
     saliency = p["saliency"]
     if saliency == "taylor":
         saliency += f" (running average, momentum {p['score_momentum']:g})"
+    elif saliency == "global-wanda":
+        saliency += f" (activations on {calibration})"
     if p.get("pattern") not in (None, "unstructured"):
         saliency += f"; pattern {p['pattern']}"
     optim = (f"AdamW lr {o['lr']:g} ({o['lr_schedule']}), weight decay {o['weight_decay']:g}, "
@@ -94,8 +98,7 @@ def _recipe_rows(recipe: dict, seq_len: int | None) -> list[list[str]]:
         batch += f" ({t['grad_accum']} accumulated micro-batches of {t['batch_size']})"
     method = p.get("method", "dynamic")
     if method != "dynamic":
-        method += (f", one-shot layer by layer on {p['calibration_windows']} calibration windows; "
-                   "the mask then stays fixed")
+        method += f", one-shot layer by layer on {calibration}; the mask then stays fixed"
     elif p.get("start", "dense") != "dense":
         method += f", starting from a one-shot {p['start']} mask at the target"
     return [

@@ -64,6 +64,8 @@ def resolve_device(name: str) -> torch.device:
 def _seq_lens(recipe: Recipe, model) -> tuple[int, int]:
     seq_len = window_length(model, recipe.data.seq_len)
     eval_len = window_length(model, recipe.eval.seq_len or seq_len, "eval.seq_len")
+    if recipe.prune.calibration_len:
+        window_length(model, recipe.prune.calibration_len, "prune.calibration_len")
     if recipe.eval.stride and recipe.eval.stride > eval_len:
         raise UsageError(f"eval.stride {recipe.eval.stride} exceeds the window of {eval_len}; use a stride <= the window")
     return seq_len, eval_len
@@ -183,7 +185,8 @@ def _start_processes(recipe: Recipe, progress):
 
 
 def _load(model: str, recipe: Recipe, device, load: dict, notify):
-    """The model on `device`, the tokenized data (with self-distillation mixed in) and the window lengths."""
+    """The model on `device`, the tokenized data (with self-distillation mixed in, and the calibration windows
+    drawn) and the window lengths."""
     notify({"stage": "load", "model": model})
     loaded = load_model(model, **load)
     net = loaded.model.to(device)
@@ -197,6 +200,7 @@ def _load(model: str, recipe: Recipe, device, load: dict, notify):
     if recipe.data.self_distill:
         notify({"stage": "self-distill", "prompts": recipe.data.self_distill})
         _add_self_distillation(net, loaded.tokenizer, recipe, data, seq_lens[0])
+    data["calibration"] = recipe_calibration(data["train"], recipe, data.pop("train_text"))
     return loaded, net, data, seq_lens
 
 
@@ -362,8 +366,7 @@ def _build_trainer(net, recipe: Recipe, data: dict, device, dense_val_loss: floa
     """Pruner (running a one-shot method when `oneshot`), optimizer and trainer for the whole run."""
     torch.manual_seed(recipe.seed)
     steps = total_steps(recipe, len(data["train"]))
-    calibration = recipe_calibration(data["train"], recipe)
-    pruner = build_pruner(net, recipe.prune, steps, calibration, recipe.eval.batch_size, oneshot=oneshot,
+    pruner = build_pruner(net, recipe.prune, steps, data["calibration"], recipe.eval.batch_size, oneshot=oneshot,
                           progress=lambda e: notify({**e, "stage": "oneshot"}))
     if pruner.history:  # every process ran the one-shot method; all continue from rank 0's result
         dist.broadcast_tensors([*pruner.weights.values(), *pruner.masks.values()])
@@ -449,6 +452,7 @@ def _prepare_data(recipe: Recipe, tokenizer, seq_len: int) -> dict:
         )
     if tokens["test"].numel() < 2:
         raise UsageError("the test text has fewer than 2 tokens; give more text in test.txt")
-    return {"train": train_windows, "val": windows(tokens["validation"], seq_len), "test": tokens["test"],
+    return {"train": train_windows, "train_text": tokens["train"], "val": windows(tokens["validation"], seq_len),
+            "test": tokens["test"],
             "source": dataset.source, "notes": dataset.notes,
             "tokens_per_split": {split: t.numel() for split, t in tokens.items()}}

@@ -42,6 +42,8 @@ class PruneConfig(_Section):
         "dense", description="first mask of the dynamic method: none (dense) or a one-shot mask at the target")
     calibration_windows: int = Field(32, ge=1, description="training windows (drawn by the seed) that one-shot "
                                                            "methods and global-wanda calibrate on")
+    calibration_len: int | None = Field(None, ge=2, description="tokens per calibration window, cut from the "
+                                        "training text (default: the training windows, data.seq_len tokens)")
     sparsegpt_block: int = Field(128, ge=1, description="SparseGPT: input columns masked together")
     sparsegpt_damp: float = Field(0.01, gt=0.0, description="SparseGPT: fraction of the mean Hessian diagonal added")
     saliency: str = Field("taylor", description="taylor (|w*g|), magnitude (|w|) or global-wanda (|w|*||x||, "

@@ -3,8 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compressor.calibration import recipe_calibration
 from compressor.data import load_texts, tokenize, windows
 from compressor.errors import UsageError
+from compressor.recipe import load_recipe
 
 
 def test_local_directory(data_dir):
@@ -46,3 +48,22 @@ def test_tokenize_and_windows(tokenizer):
     ids = tokenize(tokenizer, "hello world " * 50)
     w = windows(ids, 8)
     assert w.shape == (ids.numel() // 8, 8) and torch.equal(w.flatten(), ids[: w.numel()])
+
+
+def test_calibration_windows_are_training_windows_or_cut_from_the_text_at_their_own_length():
+    text = torch.arange(1000)
+    train = windows(text, 16)[torch.randperm(62)]  # as self-distillation leaves them: not in text order
+    default = recipe_calibration(train, load_recipe("quick-cpu", {"seed": 3}), text)
+    assert default.shape == (32, 16) and all(any(torch.equal(w, t) for t in train) for w in default)
+    longer = recipe_calibration(train, load_recipe("quick-cpu", {"seed": 3, "prune.calibration_len": 100}), text)
+    starts = longer[:, 0].tolist()
+    assert longer.shape == (10, 100) and starts == sorted(starts)  # all 10 windows of the text, in order
+    assert torch.equal(longer, windows(text, 100))
+    picked = recipe_calibration(train, load_recipe("quick-cpu", {"seed": 3, "prune.calibration_len": 20}), text)
+    assert picked.shape == (32, 20) and all(int(w[0]) % 20 == 0 and torch.equal(w, w[0] + torch.arange(20))
+                                            for w in picked)  # whole windows of the text, 32 of its 50
+    again = recipe_calibration(train, load_recipe("quick-cpu", {"seed": 3, "prune.calibration_len": 20}), text)
+    other = recipe_calibration(train, load_recipe("quick-cpu", {"seed": 4, "prune.calibration_len": 20}), text)
+    assert torch.equal(picked, again) and not torch.equal(picked, other)  # drawn by the seed
+    with pytest.raises(UsageError, match="calibration_len is 2000 tokens, but the training text has only 1000"):
+        recipe_calibration(train, load_recipe("quick-cpu", {"prune.calibration_len": 2000}), text)

@@ -120,7 +120,9 @@ def test_structured_cpu_is_quick_cpu_cutting_units_chosen_early_by_activation_sc
     assert _raw("structured-cpu")["base"] == "quick-cpu"
     assert cut.prune.structure == ["mlp", "heads"] and cut.prune.saliency == "global-wanda"
     assert cut.prune.warmup < cut.prune.final < quick.prune.final  # chosen early: most of the run recovers
-    changed = ("prune.structure", "prune.saliency", "prune.final")
+    # activations on 32 windows of 512 training tokens, longer than quick-cpu's training windows
+    assert cut.prune.calibration_windows == 32 and cut.prune.calibration_len == 512 > quick.data.seq_len
+    changed = ("prune.structure", "prune.saliency", "prune.final", "prune.calibration_len")
     assert _without(cut, *changed) == _without(quick, *changed)  # quick-cpu's budget and recovery
 
 

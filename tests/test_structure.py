@@ -236,12 +236,14 @@ def test_the_structured_recipe_cuts_units_it_chose_early_by_their_activations(tm
     folder = save_tiny(tmp_path / "llama", "llama", tokenizer, init_range=0.2)
     small = tmp_path / "small.yaml"  # the built-in recipe at a tiny model's scale
     small.write_text("base: structured-cpu\ntrain: {steps: 20, eval_every: 10, val_batches: 1}\n"
+                     "prune: {calibration_len: 64}\n"  # within the tiny model's context, longer than its windows
                      "data: {seq_len: 32}\neval: {seq_len: 32, max_tokens: 600}\nexport: {onnx: false}\n")
     result = run_cli("compress", folder, "--recipe", small, "--dataset", data_dir, "--out", tmp_path / "out",
                      "--sparsity", 0.4, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["recipe"]["prune"]["saliency"] == "global-wanda"  # scored by |w| * ||x||, not gradients
+    assert "activations on 32 calibration windows of 64 tokens" in (tmp_path / "out" / "report.md").read_text()
     assert report["train"]["mask_updates"] == 1  # every unit chosen at once, at step 4 of 20 (final 0.2)
     widths = report["structure"]["widths"]
     assert widths["mlp"]["after"] < widths["mlp"]["before"]
