@@ -22,6 +22,11 @@ artifact there (PyTorch safetensors, ONNX fp32 / int8 / int4, each GGUF file):
   structured_peers' 16 chat prompts (its `chat.json`), text no run trained on, measured
   here for every artifact (ONNX through onnxruntime, GGUF read back by transformers).
 
+`--keep RESULTS` adds the rows of an earlier results JSON (runs whose output folders are gone) for
+the runs not given again, with the figures measured then: bytes and quality are the same on any
+day, decode and prefill speeds are only as comparable as the two sessions' machines (the dense
+model, measured in both, says how far apart).
+
 Writes JSON, prints a Markdown table, and draws KL against bytes and against decode
 speed with the Pareto front (no other artifact both smaller or faster and closer) marked.
 """
@@ -80,6 +85,14 @@ def artifacts(label: str, out: Path) -> list[dict]:
         rows.append({"run": label, "artifact": f"gguf-{kind}", "path": str(out / entry["path"]), "sparsity": sparsity,
                      "bytes": entry["bytes"], **_quality(entry)})
     return rows
+
+
+def with_earlier(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """`rows` with the `earlier` rows of runs not among them, after the first run's (the dense model's) rows."""
+    runs = [r["run"] for r in rows]
+    kept = [{**r, "earlier": True} for r in earlier if r["run"] not in runs]
+    first = runs.count(runs[0])
+    return rows[:first] + kept + rows[first:]
 
 
 def _model(row: dict):
@@ -143,7 +156,8 @@ def pareto(rows: list[dict], axis: str, better) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table; "front": on the Pareto front of KL against size, against decode speed, or both."""
+    """The table; "front": on the Pareto front of KL against size, against decode speed, or both; "†": a row
+    kept from an earlier results file."""
     fronts = {"size": pareto(rows, "bytes", lambda a, b: a <= b),
               "speed": pareto(rows, "decode_tps", lambda a, b: a >= b)}
     lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL "
@@ -151,7 +165,8 @@ def markdown(rows: list[dict]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         front = ", ".join(name for name, on in fronts.items() if any(o is r for o in on))
-        lines.append(f"| {r['run']} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
+        run = r["run"] + (" †" if r.get("earlier") else "")  # its speeds measured in an earlier session
+        lines.append(f"| {run} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
                      f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | "
                      f"{fmt(r['ppl'], '.2f')} | {fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | "
                      f"{fmt(r.get('chat_kl'), '.3f')} | {front} |")
@@ -194,8 +209,11 @@ def main() -> None:
                         "model's answers to held-out chat prompts, made there if missing)")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench: measure the GGUF files' speed with it (not a "
                         "tapc dependency; build llama.cpp with `cmake --build build --target llama-bench`)")
+    parser.add_argument("--keep", metavar="RESULTS", help="an earlier results JSON whose rows of runs not given here "
+                        "join the table, the picture and the fronts, with the figures measured then")
     parser.add_argument("--results", default="benchmarks/results/frontier.json")
     args = parser.parse_args()
+    earlier = json.loads(Path(args.keep).read_text()) if args.keep else {"rows": []}  # read before an hour's work
     rows = []
     for spec in args.run:
         label, _, folder = spec.partition("=")
@@ -206,12 +224,14 @@ def main() -> None:
     conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
     measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)
     measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)
+    rows = with_earlier(rows, earlier["rows"])
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"rows": rows, "protocol": {"decode": f"greedy, {NEW_TOKENS} new tokens after "
                                    f"{PROMPT!r}, batch 1", "prefill": f"{PREFILL} tokens", "repeats": args.repeats,
                                    "threads": torch.get_num_threads(), "gguf": args.llama_bench and
-                                   f"llama-bench -p {PREFILL} / -n {NEW_TOKENS}, one run a turn"}}, indent=1) + "\n")
+                                   f"llama-bench -p {PREFILL} / -n {NEW_TOKENS}, one run a turn"},
+                                   "earlier": earlier.get("protocol")}, indent=1) + "\n")
     plot(rows, results.with_suffix(".png"))
     print(markdown(rows))
 

@@ -21,6 +21,13 @@ window x vocabulary x 4 bytes in 8 copies (both models' logits and log-softmax, 
 KL's temporaries), and the training step's activations again: on CPU they are many
 small blocks that the allocator keeps after training. Measured on SmolLM2-135M
 (benchmarks/memory.py, README) the estimate is within 25% of the peak resident memory.
+Calibration, before training and only when a run has it (a one-shot method or first mask,
+global-wanda saliency), is a third peak: the model and the teacher's copy, and either one
+forward's logits on eval batch x prune.calibration_len tokens (global-wanda: the whole model
+runs) or, one layer at a time (one-shot), two copies of the calibration windows' hidden
+states and, for SparseGPT, that layer's Hessians (in^2 floats per projection, the largest
+once more in float64 while it is pruned). It stays below the training step's unless the
+calibration windows are far longer or more than the training ones.
 Exports (ONNX, GGUF) run after training, one model at a time, and are not included.
 The checkpoint, when written, clones the scores and masks (+5 bytes per prunable weight).
 
@@ -52,13 +59,14 @@ class Estimate:
     prunable: int
     train: dict[str, int] = field(default_factory=dict)  # bytes by part, at the peak of a training step
     eval: dict[str, int] = field(default_factory=dict)  # bytes by part, at the peak of an evaluation pass
+    calibration: dict[str, int] = field(default_factory=dict)  # bytes by part, calibrating (empty: none)
     device: str = "cpu"
     available: int | None = None  # bytes free on the device (RAM for CPU runs), when known
     split: str | None = None  # why the batch runs as micro-batches, when it does
 
     @property
     def peak(self) -> int:
-        return max(sum(self.train.values()), sum(self.eval.values()))
+        return max(sum(self.train.values()), sum(self.eval.values()), sum(self.calibration.values()))
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -68,8 +76,8 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"params": self.params, "prunable": self.prunable, "train": self.train, "eval": self.eval,
-                "peak_bytes": self.peak, "state_bytes_per_param": self.state_bytes_per_param,
-                "device": self.device, "available_bytes": self.available, "split": self.split}
+                "calibration": self.calibration, "peak_bytes": self.peak,
+                "state_bytes_per_param": self.state_bytes_per_param, "device": self.device, "available_bytes": self.available, "split": self.split}
 
     def line(self) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in self.train.items() if v)
@@ -170,7 +178,32 @@ def estimate_for(model, recipe: Recipe, world: int = 1, seq_len: int | None = No
     eval_tokens = recipe.eval.batch_size * eval_len
     evaluation = {"weights": 8 * params, "gradients": 4 * params, "scores_masks": 5 * prunable,
                   "logits": 4 * eval_tokens * vocab * 8, "activations": train["activations"], "runtime": RUNTIME}
-    return Estimate(params=params, prunable=prunable, train=train, eval=evaluation)
+    return Estimate(params=params, prunable=prunable, train=train, eval=evaluation,
+                    calibration=_calibration(model, recipe, params, hidden, vocab, layers, seq_len, teacher))
+
+
+def _calibration(model, recipe: Recipe, params: int, hidden: int, vocab: int, layers: int, seq_len: int,
+                 teacher: bool) -> dict[str, int]:
+    """Bytes by part at the peak of calibration; empty for a run that does not calibrate."""
+    from .models import prunable_weights
+    from .oneshot import METHODS
+    from .saliency import NEEDS_ACTIVATIONS
+
+    prune = recipe.prune
+    oneshot = (prune.method if prune.method != "dynamic" else prune.start) in METHODS
+    if not oneshot and prune.saliency not in NEEDS_ACTIVATIONS:
+        return {}
+    length = prune.calibration_len or seq_len
+    parts = {"weights": 4 * params, "teacher": 4 * params if teacher else 0, "runtime": RUNTIME}
+    if prune.saliency in NEEDS_ACTIVATIONS:
+        parts["logits"] = 4 * recipe.eval.batch_size * length * vocab
+    if oneshot:
+        parts["hidden_states"] = 2 * 4 * prune.calibration_windows * length * hidden
+        if "sparsegpt" in (prune.method, prune.start):
+            modules = prunable_weights(model).values()  # a Conv1D weight is (in, out), a Linear's (out, in)
+            inputs = [m.weight.shape[0 if type(m).__name__ == "Conv1D" else 1] for m in modules]
+            parts["hessians"] = 4 * sum(i * i for i in inputs) // layers + 8 * max(inputs) ** 2
+    return parts
 
 
 def micro_batch(recipe: Recipe, world: int = 1) -> int:

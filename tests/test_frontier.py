@@ -48,3 +48,16 @@ def test_chat_answers_of_another_model_are_refused(tmp_path, tokenizer):
     other = type(dense)(dense.config).eval()  # the same architecture, other weights
     with pytest.raises(SystemExit, match="another model's chat answers"):
         chat_answers(other, tokenizer, tmp_path / "chat")
+
+
+def test_earlier_rows_join_after_the_dense_run_unless_measured_again():
+    dense = [{"run": "dense", "artifact": a} for a in ("safetensors", "onnx")]
+    new = [{"run": "structured-20 4x", "artifact": "onnx"}]
+    earlier = [{"run": "dense", "artifact": "onnx", "decode_tps": 1.0}, {"run": "structured-20", "artifact": "onnx"},
+               {"run": "structured-20 4x", "artifact": "onnx"}]
+    rows = frontier.with_earlier(dense + new, earlier)
+    assert [(r["run"], r.get("earlier", False)) for r in rows] == [
+        ("dense", False), ("dense", False), ("structured-20", True), ("structured-20 4x", False)]
+    table = frontier.markdown([{**r, "sparsity": 0.0, "bytes": 1, "ppl": None, "kl": 0.0, "top1": None}
+                               for r in rows])
+    assert "| structured-20 † | onnx |" in table and "| structured-20 4x | onnx |" in table

@@ -36,6 +36,20 @@ def test_estimate_counts_the_real_model_from_its_config_alone(model_dir, quick_r
     assert fsdp.state_bytes_per_param == pytest.approx(est.state_bytes_per_param / 2, rel=1e-3)
 
 
+def test_calibration_is_counted_when_a_run_calibrates(model_dir, quick_recipe_file):
+    meta = meta_model(str(model_dir))
+    assert estimate_for(meta, load_recipe(quick_recipe_file)).calibration == {}  # magnitude/Taylor: none
+    wanda = estimate_for(meta, load_recipe(quick_recipe_file, {"prune.saliency": "global-wanda"}))
+    longer = estimate_for(meta, load_recipe(quick_recipe_file, {"prune.saliency": "global-wanda",
+                                                                 "prune.calibration_len": 4096}))
+    assert longer.calibration["logits"] == wanda.calibration["logits"] * 4096 // 32  # the recipe's 32-token windows
+    assert sum(wanda.calibration.values()) < sum(wanda.train.values())  # windows as the training ones: below
+    sparsegpt = estimate_for(meta, load_recipe(quick_recipe_file, {"prune.method": "sparsegpt"}))
+    assert sparsegpt.calibration["hessians"] > 0 and sparsegpt.calibration["hidden_states"] > 0
+    assert "hessians" not in estimate_for(meta, load_recipe(quick_recipe_file, {"prune.method": "wanda"})).calibration
+    assert longer.peak == sum(longer.calibration.values()) > sum(longer.train.values())
+
+
 def test_a_run_that_cannot_fit_stops_before_loading(gpt2_dir, data_dir, quick_recipe_file, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1_000_000)
     result = run_cli("compress", gpt2_dir, "--recipe", quick_recipe_file, "--dataset", data_dir,
