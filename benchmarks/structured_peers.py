@@ -12,7 +12,7 @@ evaluated the same way: perplexity, KL(dense || pruned) and top-1 agreement with
 model on the first 40 x 512 test tokens, and the KL on the dense model's own answers to a
 fixed set of chat prompts (held out: no WikiText in them).
 
-- `tapc`: `tapc compress --structure mlp,heads`: MLP channels and query heads masked by
+- `tapc`: `tapc compress --recipe quick-cpu --structure mlp,heads`: MLP channels and query heads masked by
   the dynamic schedule from Taylor scores, regrown when their score beats the others',
   trained throughout, cut out at the end.
 - `taylor`: LLM-Pruner's criterion as torch-pruning computes it (`TaylorImportance`: the

@@ -154,7 +154,7 @@ def cli():
               help="Target fraction of prunable weights set to zero, in [0, 1).")
 @click.option("--recipe", "recipe_path", metavar="YAML|NAME",
               help="Recipe file or built-in recipe name (default: gpt2-wikitext2 on a CUDA GPU, quick-cpu "
-                   "elsewhere; stderr says which ran).")
+                   "elsewhere, structured-cpu there with --structure; stderr says which ran).")
 @click.option("--dataset", help="'wikitext2' or a directory with train.txt, validation.txt, test.txt.")
 @click.option("--out", type=click.Path(), help="Output directory (default: MODEL-tapc-sNN).")
 @click.option("--method", type=click.Choice(["dynamic", "sparsegpt", "wanda"]),
@@ -229,7 +229,7 @@ def compress(model, sparsity, recipe_path, dataset, out, method, start, loss, pa
     def job():
         choice = None
         if recipe_path is None:
-            name, why = default_recipe(device)
+            name, why = default_recipe(device, bool(structure))
             choice = f"{name}: {why}"
             console.print(Text(f"recipe {name} ({why}; choose one with --recipe)"), soft_wrap=True)
         recipe = load_recipe(recipe_path or name, overrides)

@@ -32,6 +32,12 @@ def test_default_recipe_is_a_builtin_file_chosen_by_device():
         assert load_recipe(None, {"device": device}) == load_recipe(name, {"device": device})
     assert default_recipe("cuda")[0] != default_recipe("cpu")[0]
     assert load_recipe(None) == load_recipe(default_recipe()[0])
+    # whole units off a GPU: the structured recipe, its units as the flag says; on a GPU the full budget as ever
+    assert default_recipe("cpu", structure=True)[0] == "structured-cpu"
+    assert default_recipe("cuda", structure=True)[0] == default_recipe("cuda")[0]
+    mlp = load_recipe(None, {"device": "cpu", "prune.structure": ["mlp"]})
+    assert mlp == load_recipe("structured-cpu", {"device": "cpu", "prune.structure": ["mlp"]})
+    assert mlp.prune.structure == ["mlp"] and mlp.prune.saliency == "global-wanda"
 
 
 def test_overrides_win():

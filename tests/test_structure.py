@@ -167,7 +167,8 @@ def test_resume_of_a_structured_run_equals_an_uninterrupted_one(tmp_path, tokeni
 
 def test_a_unit_the_architecture_cannot_express_is_a_one_line_error_before_training(gpt2_dir, data_dir, tmp_path):
     result = run_cli("compress", gpt2_dir, "--structure", "heads", "--dataset", data_dir, "--out", tmp_path / "o",
-                     "--steps", "4", "--no-onnx")
+                     "--steps", "4", "--no-onnx", "--device", "cpu")
+    assert "recipe structured-cpu" in result.output  # without --recipe, off a GPU: the structured default
     assert result.exit_code != 0 and "--structure heads" in result.output and "use --structure mlp" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
     assert "dense perplexity" not in result.output  # refused before the dense evaluation, not after training
