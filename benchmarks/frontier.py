@@ -173,27 +173,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MARKERS = {"safetensors": "o", "onnx": "s", "onnx-int8": "^", "onnx-int4": "v"}  # GGUF files: "D"
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """KL against MB and against decode tokens/s: a colour per run, a marker per artifact, the fronts dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    colour = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    marker = lambda artifact: MARKERS.get(artifact, "D")  # noqa: E731
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, axis, label, better in ((axes[0], "bytes", "MB on disk", lambda a, b: a <= b),
                                     (axes[1], "decode_tps", "decode tokens/s", lambda a, b: a >= b)):
         known = [r for r in rows if r.get("kl") is not None and r.get(axis) is not None]
+        scale = 1e6 if axis == "bytes" else 1
         for r in known:
-            x = r[axis] / 1e6 if axis == "bytes" else r[axis]
-            ax.scatter(x, r["kl"], s=18)
-            ax.annotate(f"{r['run']} {r['artifact']}", (x, r["kl"]), fontsize=6)
+            ax.scatter(r[axis] / scale, r["kl"], s=24, color=colour[r["run"]], marker=marker(r["artifact"]))
         front = sorted(pareto(known, axis, better), key=lambda r: r[axis])
-        ax.plot([r[axis] / 1e6 if axis == "bytes" else r[axis] for r in front], [r["kl"] for r in front],
-                "k--", linewidth=1, label="Pareto front")
+        ax.plot([r[axis] / scale for r in front], [r["kl"] for r in front], "k--", linewidth=1)
         ax.set_xlabel(label)
         ax.set_ylabel("KL to the dense model (nats/token)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    artifacts = list(dict.fromkeys(r["artifact"] for r in rows))
+    handles = ([Line2D([], [], color=colour[run], marker="o", linestyle="", label=run) for run in runs]
+               + [Line2D([], [], color="grey", marker=marker(a), linestyle="", label=a) for a in artifacts]
+               + [Line2D([], [], color="k", linestyle="--", label="Pareto front")])
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=120)
 
 
