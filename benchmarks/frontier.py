@@ -232,8 +232,8 @@ def main() -> None:
     tokenizer = load_model(first["path"]).tokenizer
     test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
     conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
+    measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)  # first: a runtime that fails, fails early
     measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)
-    measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)
     rows = with_earlier(rows, earlier["rows"])
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
