@@ -148,6 +148,12 @@ def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int,
         row["decode_tps"], row["prefill_tps"] = decode.get(key), prefills.get(key)
 
 
+def timed_here(rows: list[dict]) -> list[dict]:
+    """The rows whose speeds were measured in this session: another session's machine and builds are not
+    comparable (bytes and KL are)."""
+    return [r for r in rows if not r.get("earlier")]
+
+
 def pareto(rows: list[dict], axis: str, better) -> list[dict]:
     """Rows no other row beats on `axis` (by `better`) at an equal or lower KL."""
     known = [r for r in rows if r.get("kl") is not None and r.get(axis) is not None]
@@ -156,10 +162,10 @@ def pareto(rows: list[dict], axis: str, better) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table; "front": on the Pareto front of KL against size, against decode speed, or both; "†": a row
-    kept from an earlier results file."""
+    """The table; "front": on the Pareto front of KL against size, against decode speed (of the rows timed in
+    this session), or both; "†": a row kept from an earlier results file."""
     fronts = {"size": pareto(rows, "bytes", lambda a, b: a <= b),
-              "speed": pareto(rows, "decode_tps", lambda a, b: a >= b)}
+              "speed": pareto(timed_here(rows), "decode_tps", lambda a, b: a >= b)}
     lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL "
              "| front |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -177,7 +183,8 @@ MARKERS = {"safetensors": "o", "onnx": "s", "onnx-int8": "^", "onnx-int4": "v"} 
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """KL against MB and against decode tokens/s: a colour per run, a marker per artifact, the fronts dashed."""
+    """KL against MB and against decode tokens/s (the rows timed in this session): a colour per run, a marker per
+    artifact, the fronts dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,12 +192,14 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.lines import Line2D
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    colour = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # grey marks the artifacts
+    colour = {run: palette[i % len(palette)] for i, run in enumerate(runs)}
     marker = lambda artifact: MARKERS.get(artifact, "D")  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, axis, label, better in ((axes[0], "bytes", "MB on disk", lambda a, b: a <= b),
                                     (axes[1], "decode_tps", "decode tokens/s", lambda a, b: a >= b)):
-        known = [r for r in rows if r.get("kl") is not None and r.get(axis) is not None]
+        known = [r for r in (rows if axis == "bytes" else timed_here(rows))
+                 if r.get("kl") is not None and r.get(axis) is not None]
         scale = 1e6 if axis == "bytes" else 1
         for r in known:
             ax.scatter(r[axis] / scale, r["kl"], s=24, color=colour[r["run"]], marker=marker(r["artifact"]))
