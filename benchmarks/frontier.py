@@ -24,8 +24,9 @@ artifact there (PyTorch safetensors, ONNX fp32 / int8 / int4, each GGUF file):
 
 `--keep RESULTS` adds the rows of an earlier results JSON (runs whose output folders are gone) for
 the runs not given again, with the figures measured then: bytes and quality are the same on any
-day, decode and prefill speeds are only as comparable as the two sessions' machines (the dense
-model, measured in both, says how far apart).
+day, so they join the size front; decode and prefill speeds are only as comparable as the two
+sessions' machines and builds (the dense model, timed in both, says how far apart), so the speed
+front and picture leave them out.
 
 Writes JSON, prints a Markdown table, and draws KL against bytes and against decode
 speed with the Pareto front (no other artifact both smaller or faster and closer) marked.
@@ -227,9 +228,11 @@ def main() -> None:
     parser.add_argument("--chat", default=str(PEERS), help="the folder of structured_peers' chat.json (the dense "
                         "model's answers to held-out chat prompts, made there if missing)")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench: measure the GGUF files' speed with it (not a "
-                        "tapc dependency; build llama.cpp with `cmake --build build --target llama-bench`)")
+                        "tapc dependency; build llama.cpp with `cmake --build build --target llama-bench`; where a VM "
+                        "does not grant AMX, a GGML_NATIVE build stops with SIGILL on prefill: configure with "
+                        "-DGGML_NATIVE=OFF and the CPU's AVX flags)")
     parser.add_argument("--keep", metavar="RESULTS", help="an earlier results JSON whose rows of runs not given here "
-                        "join the table, the picture and the fronts, with the figures measured then")
+                        "join the table, the picture and the size front, with the figures measured then")
     parser.add_argument("--results", default="benchmarks/results/frontier.json")
     args = parser.parse_args()
     earlier = json.loads(Path(args.keep).read_text()) if args.keep else {"rows": []}  # read before an hour's work

@@ -77,7 +77,8 @@ class Estimate:
     def to_dict(self) -> dict:
         return {"params": self.params, "prunable": self.prunable, "train": self.train, "eval": self.eval,
                 "calibration": self.calibration, "peak_bytes": self.peak,
-                "state_bytes_per_param": self.state_bytes_per_param, "device": self.device, "available_bytes": self.available, "split": self.split}
+                "state_bytes_per_param": self.state_bytes_per_param, "device": self.device,
+                "available_bytes": self.available, "split": self.split}
 
     def line(self) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in self.train.items() if v)
