@@ -188,6 +188,7 @@ def _calibration(model, recipe: Recipe, params: int, hidden: int, vocab: int, la
     """Bytes by part at the peak of calibration; empty for a run that does not calibrate."""
     from .models import prunable_weights
     from .oneshot import METHODS
+    from .patterns import input_dim
     from .saliency import NEEDS_ACTIVATIONS
 
     prune = recipe.prune
@@ -201,8 +202,7 @@ def _calibration(model, recipe: Recipe, params: int, hidden: int, vocab: int, la
     if oneshot:
         parts["hidden_states"] = 2 * 4 * prune.calibration_windows * length * hidden
         if "sparsegpt" in (prune.method, prune.start):
-            modules = prunable_weights(model).values()  # a Conv1D weight is (in, out), a Linear's (out, in)
-            inputs = [m.weight.shape[0 if type(m).__name__ == "Conv1D" else 1] for m in modules]
+            inputs = [m.weight.shape[input_dim(m)] for m in prunable_weights(model).values()]
             parts["hessians"] = 4 * sum(i * i for i in inputs) // layers + 8 * max(inputs) ** 2
     return parts
 
