@@ -30,6 +30,9 @@ front and picture leave them out.
 
 Writes JSON, prints a Markdown table, and draws KL against bytes and against decode
 speed with the Pareto front (no other artifact both smaller or faster and closer) marked.
+`--speed-only` re-times the artifacts without the quality pass (minutes instead of half an
+hour) and prints each one's speeds against the first run's file of the same format; it
+writes nothing.
 """
 
 from __future__ import annotations
@@ -149,6 +152,25 @@ def measure_speed(rows: list[dict], test: torch.Tensor, tokenizer, repeats: int,
         row["decode_tps"], row["prefill_tps"] = decode.get(key), prefills.get(key)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def speedups(rows: list[dict]) -> str:
+    """Decode and prefill tokens/s of every artifact, and their ratio to the first run's artifact of the same
+    format (the dense model's)."""
+    first = {r["artifact"]: r for r in rows if r["run"] == rows[0]["run"]}
+    lines = ["| run | artifact | decode tok/s | prefill tok/s | decode × first | prefill × first |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = first.get(r["artifact"], {})
+        speeds = ("decode_tps", "prefill_tps")
+        cells = [_fmt(r[k], f) for k, f in zip(speeds, (".1f", ".0f"))]
+        cells += [_fmt(r[k] / base[k] if r[k] and base.get(k) else None, ".3f") for k in speeds]
+        lines.append(f"| {r['run']} | {r['artifact']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def timed_here(rows: list[dict]) -> list[dict]:
     """The rows whose speeds were measured in this session: another session's machine and builds are not
     comparable (bytes and KL are)."""
@@ -169,14 +191,13 @@ def markdown(rows: list[dict]) -> str:
               "speed": pareto(timed_here(rows), "decode_tps", lambda a, b: a >= b)}
     lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL "
              "| front |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         front = ", ".join(name for name, on in fronts.items() if any(o is r for o in on))
         run = r["run"] + (" †" if r.get("earlier") else "")  # its speeds measured in an earlier session
         lines.append(f"| {run} | {r['artifact']} | {r['sparsity']:.1%} | {r['bytes'] / 1e6:.1f} | "
-                     f"{fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('prefill_tps'), '.0f')} | "
-                     f"{fmt(r['ppl'], '.2f')} | {fmt(r['kl'], '.3f')} | {fmt(r['top1'], '.1%')} | "
-                     f"{fmt(r.get('chat_kl'), '.3f')} | {front} |")
+                     f"{_fmt(r.get('decode_tps'), '.1f')} | {_fmt(r.get('prefill_tps'), '.0f')} | "
+                     f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['kl'], '.3f')} | {_fmt(r['top1'], '.1%')} | "
+                     f"{_fmt(r.get('chat_kl'), '.3f')} | {front} |")
     return "\n".join(lines)
 
 
@@ -234,6 +255,8 @@ def main() -> None:
     parser.add_argument("--keep", metavar="RESULTS", help="an earlier results JSON whose rows of runs not given here "
                         "join the table, the picture and the size front, with the figures measured then")
     parser.add_argument("--results", default="benchmarks/results/frontier.json")
+    parser.add_argument("--speed-only", action="store_true", help="time the artifacts only and print their speeds "
+                        "against the first run's; writes nothing")
     args = parser.parse_args()
     earlier = json.loads(Path(args.keep).read_text()) if args.keep else {"rows": []}  # read before an hour's work
     rows = []
@@ -243,6 +266,10 @@ def main() -> None:
     first = next(r for r in rows if r["artifact"] == "safetensors")
     tokenizer = load_model(first["path"]).tokenizer
     test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
+    if args.speed_only:
+        measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)
+        print(speedups(rows))
+        return
     conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
     measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)  # first: a runtime that fails, fails early
     measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)

@@ -64,3 +64,15 @@ def test_earlier_rows_join_after_the_dense_run_unless_measured_again():
     assert "| structured-20 † | onnx |" in table and "| structured-20 4x | onnx |" in table
     # bytes and KL hold across sessions, speeds do not: the earlier row is on the size front, not the speed front
     assert table.count("| size, speed |") == 1 and table.splitlines()[-2].endswith("| size |")
+
+
+def test_speedups_divide_by_the_first_runs_file_of_the_same_format():
+    rows = [{"run": "dense", "artifact": "onnx", "decode_tps": 40.0, "prefill_tps": 800.0},
+            {"run": "dense", "artifact": "gguf-q8_0", "decode_tps": None, "prefill_tps": None},  # no llama-bench
+            {"run": "cut", "artifact": "onnx", "decode_tps": 50.0, "prefill_tps": 1000.0},
+            {"run": "cut", "artifact": "gguf-q8_0", "decode_tps": None, "prefill_tps": None},
+            {"run": "cut", "artifact": "onnx-int4", "decode_tps": 90.0, "prefill_tps": 500.0}]  # no dense int4
+    lines = frontier.speedups(rows).splitlines()[2:]
+    assert lines == ["| dense | onnx | 40.0 | 800 | 1.000 | 1.000 |", "| dense | gguf-q8_0 | - | - | - | - |",
+                     "| cut | onnx | 50.0 | 1000 | 1.250 | 1.250 |", "| cut | gguf-q8_0 | - | - | - | - |",
+                     "| cut | onnx-int4 | 90.0 | 500 | - | - |"]
