@@ -214,7 +214,8 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.lines import Line2D
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # grey marks the artifacts
+    tab20 = plt.get_cmap("tab20").colors  # dark and light shades in pairs; grey (14, 15) marks the artifacts
+    palette = [c for i, c in enumerate(tab20[::2] + tab20[1::2]) if i not in (7, 17)]
     colour = {run: palette[i % len(palette)] for i, run in enumerate(runs)}
     marker = lambda artifact: MARKERS.get(artifact, "D")  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
