@@ -267,12 +267,11 @@ def main() -> None:
     first = next(r for r in rows if r["artifact"] == "safetensors")
     tokenizer = load_model(first["path"]).tokenizer
     test = tokenize(tokenizer, load_texts(args.dataset).texts["test"])
+    measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)  # first: a runtime that fails, fails early
     if args.speed_only:
-        measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)
         print(speedups(rows))
         return
     conversations = chat_answers(load_model(first["path"]).model.eval(), tokenizer, Path(args.chat))
-    measure_speed(rows, test, tokenizer, args.repeats, args.llama_bench)  # first: a runtime that fails, fails early
     measure_quality(rows, test, args.seq_len, args.eval_tokens, conversations)
     rows = with_earlier(rows, earlier["rows"])
     results = Path(args.results)
