@@ -162,19 +162,22 @@ def speedups(rows: list[dict]) -> str:
     first = {r["artifact"]: r for r in rows if r["run"] == rows[0]["run"]}
     lines = ["| run | artifact | decode tok/s | prefill tok/s | decode × first | prefill × first |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    speeds = ("decode_tps", "prefill_tps")
     for r in rows:
         base = first.get(r["artifact"], {})
-        speeds = ("decode_tps", "prefill_tps")
         cells = [_fmt(r[k], f) for k, f in zip(speeds, (".1f", ".0f"))]
         cells += [_fmt(r[k] / base[k] if r[k] and base.get(k) else None, ".3f") for k in speeds]
         lines.append(f"| {r['run']} | {r['artifact']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def timed_here(rows: list[dict]) -> list[dict]:
-    """The rows whose speeds were measured in this session: another session's machine and builds are not
-    comparable (bytes and KL are)."""
-    return [r for r in rows if not r.get("earlier")]
+FRONTS = {"size": ("bytes", lambda a, b: a <= b), "speed": ("decode_tps", lambda a, b: a >= b)}  # axis, better
+
+
+def candidates(rows: list[dict], front: str) -> list[dict]:
+    """The rows a front is drawn from: every row for size; for speed, the rows timed in this session (another
+    session's machine and builds are not comparable; bytes and KL are)."""
+    return rows if front == "size" else [r for r in rows if not r.get("earlier")]
 
 
 def pareto(rows: list[dict], axis: str, better) -> list[dict]:
@@ -187,8 +190,7 @@ def pareto(rows: list[dict], axis: str, better) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """The table; "front": on the Pareto front of KL against size, against decode speed (of the rows timed in
     this session), or both; "†": a row kept from an earlier results file."""
-    fronts = {"size": pareto(rows, "bytes", lambda a, b: a <= b),
-              "speed": pareto(timed_here(rows), "decode_tps", lambda a, b: a >= b)}
+    fronts = {name: pareto(candidates(rows, name), *FRONTS[name]) for name in FRONTS}
     lines = ["| run | artifact | sparsity | MB | decode tok/s | prefill tok/s | PPL | KL to dense | top-1 | chat KL "
              "| front |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
@@ -219,10 +221,9 @@ def plot(rows: list[dict], path: Path) -> None:
     colour = {run: palette[i % len(palette)] for i, run in enumerate(runs)}
     marker = lambda artifact: MARKERS.get(artifact, "D")  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, axis, label, better in ((axes[0], "bytes", "MB on disk", lambda a, b: a <= b),
-                                    (axes[1], "decode_tps", "decode tokens/s", lambda a, b: a >= b)):
-        known = [r for r in (rows if axis == "bytes" else timed_here(rows))
-                 if r.get("kl") is not None and r.get(axis) is not None]
+    for ax, name, label in ((axes[0], "size", "MB on disk"), (axes[1], "speed", "decode tokens/s")):
+        axis, better = FRONTS[name]
+        known = [r for r in candidates(rows, name) if r.get("kl") is not None and r.get(axis) is not None]
         scale = 1e6 if axis == "bytes" else 1
         for r in known:
             ax.scatter(r[axis] / scale, r["kl"], s=24, color=colour[r["run"]], marker=marker(r["artifact"]))
